@@ -1,0 +1,37 @@
+# paranet — every target installs into a local virtual environment (.venv) first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+NP     ?= 4
+# One BLAS thread per rank: several ranks share the cores of one machine.
+export OMP_NUM_THREADS ?= 1
+export OPENBLAS_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+
+.PHONY: venv test train data bench clean
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+## make test: the whole test suite (real mpirun, real HDF5, real MNIST)
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+## make data: convert the embedded MNIST into datasets/mnist.h5
+data: venv
+	$(PY) -m paranet.data mnist --out datasets/mnist.h5
+
+## make train: 4-rank data-parallel MNIST training on the embedded data
+train: venv
+	$(VENV)/bin/mpirun -n $(NP) $(PY) -m paranet.train $(ARGS)
+
+## make bench: benchmarks (ratios measured side by side), results in bench/results/
+bench: venv
+	$(PY) -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) datasets/*.h5 bench/results

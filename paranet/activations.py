@@ -1,0 +1,81 @@
+"""Activations: relu, sigmoid, softmax and Line (identity), usable as ops and as layer activations."""
+import numpy as np
+
+from .ops import Elementwise
+
+
+class Relu(Elementwise):
+    def forward(self, x):
+        return np.maximum(x, 0, out=self.out(x))
+
+    def backward(self, g, out):
+        # d relu(x) = [x > 0] dx
+        mask = self.buffer("mask", g.shape, bool)
+        np.greater(self.last[0].value, 0, out=mask)
+        np.multiply(g, mask, out=out[0])
+
+
+class Sigmoid(Elementwise):
+    def forward(self, x):
+        # 1 / (1 + e^-x) written as (1 + tanh(x/2)) / 2: no overflow for large |x|
+        y = self.out(x)
+        np.multiply(x, 0.5, out=y)
+        np.tanh(y, out=y)
+        y += 1
+        y *= 0.5
+        return y
+
+    def backward(self, g, out):
+        # d sigmoid(x) = s (1 - s) dx
+        s = self.value
+        np.subtract(1, s, out=out[0])
+        out[0] *= s
+        out[0] *= g
+
+
+class Softmax(Elementwise):
+    """Softmax over the last axis, shifted by the row maximum so that large logits stay finite.
+
+    Followed by ``SoftmaxCrossEntropy`` it is fused into the loss, whose gradient with respect
+    to the logits is (p - y) / batch.
+    """
+
+    def forward(self, x):
+        y = self.out(x)
+        np.subtract(x, x.max(axis=-1, keepdims=True), out=y)
+        np.exp(y, out=y)
+        y /= y.sum(axis=-1, keepdims=True)
+        return y
+
+    def backward(self, g, out):
+        # dx = p * (g - sum(g * p))
+        p = self.value
+        np.multiply(g, p, out=out[0])
+        dot = out[0].sum(axis=-1, keepdims=True)
+        np.subtract(g, dot, out=out[0])
+        out[0] *= p
+
+
+class Line(Elementwise):
+    """The identity, the original mytensor's name for a linear (no) activation."""
+
+    def forward(self, x):
+        return x
+
+    def backward(self, g, out):
+        out[0][...] = g
+
+
+def relu(x):
+    """max(x, 0), element-wise."""
+    return Relu(x)
+
+
+def sigmoid(x):
+    """1 / (1 + e^-x), element-wise, stable for large |x|."""
+    return Sigmoid(x)
+
+
+def softmax(x):
+    """Softmax over the last axis, numerically stable."""
+    return Softmax(x)

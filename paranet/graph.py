@@ -1,0 +1,335 @@
+"""The pointer-linked graph: Node, placeholder, Variable, the flat parameter buffers and Session.
+
+Every node points at its inputs (``last``) and its consumers (``next``), as in the original
+mytensor; ``root`` is the input placeholder upstream of a node and a loss's ``target`` is its
+label placeholder. There is no graph registry: ``Session.run`` orders the work by a
+topological walk over ``last`` pointers from the node it is asked for, and backward walks the
+same order in reverse, accumulating gradients where a node feeds several consumers.
+"""
+import numpy as np
+
+DEFAULT_DTYPE = np.float32
+
+
+class GraphError(ValueError):
+    """A graph was wired or fed wrongly; the message names the node, expected and actual."""
+
+
+def _fmt_shape(shape):
+    return "(" + ", ".join("None" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def shapes_match(expected, actual):
+    """True when ``actual`` fits ``expected``, where None in either stands for any size."""
+    if expected is None or actual is None:
+        return True
+    if len(expected) != len(actual):
+        return False
+    return all(e is None or a is None or e == a for e, a in zip(expected, actual))
+
+
+class Node:
+    """A graph node.
+
+    Subclasses (ops) set ``shape`` from their inputs' shapes and implement
+    ``forward(*input_values) -> array`` and ``backward(grad, out)``, where ``out[i]`` is the
+    preallocated array that input i's gradient must be written into, or None when input i
+    needs no gradient.
+    """
+
+    value = None  # the array computed by the last forward pass
+
+    def __init__(self, *inputs, name=None):
+        for node in inputs:
+            if not isinstance(node, Node):
+                raise GraphError(f"{type(self).__name__}: input {node!r} is not a graph node")
+        self.last = list(inputs)  # inputs, in argument order
+        self.next = []  # consumers, in creation order
+        for node in inputs:
+            node.next.append(self)
+        self.name = name or type(self).__name__
+        self.root = next((n.root for n in inputs if n.root is not None), None)
+        self.requires_grad = any(n.requires_grad for n in inputs)
+        self.shape = None  # static shape; None entries are sizes known only at run time
+        self._grad = None  # gradient buffer of this node, reused from step to step
+        self._buffers = {}  # work arrays reused from step to step (see buffer())
+
+    def __repr__(self):
+        shape = "" if self.shape is None else " " + _fmt_shape(self.shape)
+        return f"<{type(self).__name__} '{self.name}'{shape}>"
+
+    def __add__(self, other):
+        from .ops import add
+
+        return add(self, other)
+
+    def forward(self, *values):
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def backward(self, grad, out):
+        raise NotImplementedError(f"{type(self).__name__} has no gradient")
+
+    def grad_buffer(self):
+        """The array this node's gradient is accumulated in during backward."""
+        value = np.asarray(self.value)
+        if self._grad is None or self._grad.shape != value.shape or self._grad.dtype != value.dtype:
+            self._grad = np.empty_like(value)
+        return self._grad
+
+    def buffer(self, key, shape, dtype):
+        """A work array kept on the node under ``key``, reallocated only when shape or dtype change.
+
+        Ops write their outputs and temporaries into these, so a training step allocates
+        nothing once the batch shape is steady.
+        """
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._buffers[key] = np.empty(shape, dtype)
+        return buf
+
+
+class Placeholder(Node):
+    """An input fed through ``feed_dict``; ``None`` in its shape accepts any size."""
+
+    def __init__(self, shape, name=None):
+        super().__init__(name=name or "placeholder")
+        self.shape = tuple(shape)
+        self.root = self
+
+    def feed(self, value, dtype):
+        """Check a fed array against this placeholder and return it in ``dtype``."""
+        arr = np.asarray(value)
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise GraphError(f"placeholder '{self.name}': expected a numeric array, got dtype {arr.dtype}")
+        if not shapes_match(self.shape, arr.shape):
+            raise GraphError(
+                f"placeholder '{self.name}': expected shape {_fmt_shape(self.shape)}, got {_fmt_shape(arr.shape)}"
+            )
+        arr = arr.astype(dtype, copy=False)
+        # A sum is non-finite exactly when some element is; it is much cheaper than isfinite().all().
+        if arr.size and not np.isfinite(arr.sum(dtype=np.float64)):
+            bad = np.argwhere(~np.isfinite(arr))[0]
+            raise GraphError(
+                f"placeholder '{self.name}': expected finite values, got {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
+            )
+        return arr
+
+
+def placeholder(shape, name=None):
+    """An input node; feed it with ``Session.run(..., {node: array})``.
+
+    Args:
+        shape: the expected shape, with None for sizes that vary (the batch).
+        name: shown in error messages.
+    """
+    return Placeholder(shape, name)
+
+
+class Variable(Node):
+    """A parameter. Once a Session has run a graph that uses it, ``value`` and ``grad`` are
+    views into that graph's flat buffers (see ``Parameters``)."""
+
+    def __init__(self, value, trainable=True, name=None):
+        super().__init__(name=name or "Variable")
+        arr = np.array(value)
+        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise GraphError(f"Variable '{self.name}': expected a numeric array, got dtype {arr.dtype}")
+        self._value = arr
+        self.shape = arr.shape
+        self.grad = None
+        self.trainable = trainable
+        self.requires_grad = trainable
+        self.params = None  # the Parameters whose buffers hold this Variable
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, new):
+        new = np.asarray(new)
+        if new.shape != self.shape:
+            raise GraphError(f"Variable '{self.name}': expected shape {_fmt_shape(self.shape)}, got {_fmt_shape(new.shape)}")
+        if self.params is None:
+            self._value = np.array(new)
+        else:
+            self._value[...] = new  # write through the view into the flat buffer
+
+    def grad_buffer(self):
+        return self.grad if self.params is not None else super().grad_buffer()
+
+
+class Parameters:
+    """All trainable Variables of a graph in one contiguous value buffer and one gradient buffer.
+
+    ``values`` and ``grads`` are 1-D arrays; each Variable's ``value``/``grad`` is a view into
+    them. The order is the topological order of the walk from the loss, which depends only on
+    how the graph was built, so every replica computes the same layout. ``grad_storage`` is
+    ``grads`` followed by ``tail`` spare slots: the distributed layer puts its per-step counters
+    there so that they are summed by the same Allreduce as the gradients.
+    """
+
+    tail = 4
+
+    def __init__(self, variables, dtype=DEFAULT_DTYPE):
+        self.variables = list(variables)
+        self.dtype = np.dtype(dtype)
+        sizes = [v.value.size for v in self.variables]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(int)
+        n = int(self.offsets[-1])
+        self.values = np.empty(n, dtype=self.dtype)
+        self.grad_storage = np.zeros(n + self.tail, dtype=self.dtype)
+        self.grads = self.grad_storage[:n]
+        names = set()
+        for i, v in enumerate(self.variables):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            self.values[lo:hi] = np.asarray(v.value, dtype=self.dtype).ravel()
+            v._value = self.values[lo:hi].reshape(v.shape)
+            v.grad = self.grads[lo:hi].reshape(v.shape)
+            v.params = self
+            if v.name in names:  # names key checkpoints: make them unique and stable
+                v.name = f"{v.name}_{i}"
+            names.add(v.name)
+
+    @property
+    def size(self):
+        return self.values.size
+
+    def named(self):
+        """(name, Variable) pairs in buffer order."""
+        return [(v.name, v) for v in self.variables]
+
+    def checksum(self):
+        """A float64 checksum of the values, cheap enough to compare across replicas."""
+        return float(np.dot(self.values.astype(np.float64), np.arange(1, self.size + 1, dtype=np.float64) % 97 + 1))
+
+    @staticmethod
+    def of(variables, dtype):
+        """The Parameters holding exactly these Variables, reusing the current one if it fits."""
+        current = variables[0].params if variables else None
+        if current is not None and current.variables == variables and current.dtype == np.dtype(dtype):
+            return current
+        return Parameters(variables, dtype)
+
+
+def topological_order(node):
+    """Ancestors of ``node`` (itself included), inputs before consumers, by walking ``last``."""
+    order, seen = [], set()
+    stack = [(node, False)]
+    while stack:
+        n, expanded = stack.pop()
+        if expanded:
+            order.append(n)
+            continue
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        stack.append((n, True))
+        for parent in reversed(n.last):  # first input is walked first: the order is stable
+            if id(parent) not in seen:
+                stack.append((parent, False))
+    return order
+
+
+class Plan:
+    """What Session.run needs to evaluate one node: its walk order, feeds and parameters."""
+
+    def __init__(self, node):
+        self.order = topological_order(node)
+        self.placeholders = [n for n in self.order if isinstance(n, Placeholder)]
+        self.variables = [n for n in self.order if isinstance(n, Variable) and n.trainable]
+        self.ops = [n for n in self.order if not isinstance(n, (Placeholder, Variable))]
+        self.backward_ops = [n for n in reversed(self.ops) if n.requires_grad]
+
+
+class Session:
+    """Runs graphs: forward, and backward plus an optimizer step when asked.
+
+    Args:
+        dtype: the training dtype of parameters and feeds, float32 by default; float64 for
+            gradient checks.
+    """
+
+    def __init__(self, dtype=DEFAULT_DTYPE):
+        self.dtype = np.dtype(dtype)
+        if not np.issubdtype(self.dtype, np.floating):
+            raise GraphError(f"Session: expected a floating dtype, got {self.dtype}")
+        self._plans = {}
+
+    def plan(self, node):
+        """The cached Plan for ``node``; its parameters are packed into flat buffers."""
+        plan = self._plans.get(id(node))
+        if plan is None or plan.order[-1] is not node:
+            plan = self._plans[id(node)] = Plan(node)
+            for n in plan.order:  # constants take the session's dtype once
+                if isinstance(n, Variable) and not n.trainable:
+                    n._value = n._value.astype(self.dtype, copy=False)
+        plan.params = Parameters.of(plan.variables, self.dtype) if plan.variables else None
+        return plan
+
+    def parameters(self, node):
+        """The flat Parameters of the graph under ``node`` (a loss or an optimizer)."""
+        return self.plan(getattr(node, "loss", node)).params
+
+    def run(self, fetch, feed_dict=None, need_grad=False):
+        """Evaluate ``fetch`` and return its value.
+
+        ``fetch`` is a node, or an optimizer, which runs forward, backward and one update and
+        returns the loss. With ``need_grad=True`` the gradient of the (scalar) node with
+        respect to every trainable Variable is left in ``Variable.grad``.
+        """
+        step = getattr(fetch, "apply_gradients", None)
+        node = fetch.loss if step is not None else fetch
+        if not isinstance(node, Node):
+            raise GraphError(f"Session.run: expected a node or an optimizer, got {fetch!r}")
+        plan = self.plan(node)
+        self.forward(plan, feed_dict or {})
+        if step is not None or need_grad:
+            self.backward(plan)
+        if step is not None:
+            step(plan.params)
+        value = node.value
+        # ops reuse their output arrays from run to run: hand the caller its own copy
+        return float(value) if np.ndim(value) == 0 else np.array(value)
+
+    def forward(self, plan, feed_dict):
+        """Feed the placeholders and evaluate every op of ``plan`` in order."""
+        for ph in plan.placeholders:
+            if ph not in feed_dict:
+                raise GraphError(
+                    f"placeholder '{ph.name}' of shape {_fmt_shape(ph.shape)} is needed but missing from feed_dict"
+                )
+            ph.value = ph.feed(feed_dict[ph], self.dtype)
+        for op in plan.ops:
+            op.value = op.forward(*[n.value for n in op.last])
+
+    def backward(self, plan):
+        """Backpropagate from the scalar last node of ``plan`` into the Variables' ``grad``."""
+        out_node = plan.order[-1]
+        if np.size(out_node.value) != 1:
+            raise GraphError(f"{out_node!r}: gradients need a scalar node, got shape {np.shape(out_node.value)}")
+        ready = set()  # nodes whose gradient buffer holds a first contribution this pass
+        seed = out_node.grad_buffer()
+        seed.fill(1)
+        ready.add(id(out_node))
+        for op in plan.backward_ops:
+            if id(op) not in ready:  # nothing downstream of it reached the output
+                continue
+            outs, extra = [], []
+            for slot, inp in enumerate(op.last):
+                if not inp.requires_grad:
+                    outs.append(None)
+                elif id(inp) not in ready:
+                    outs.append(inp.grad_buffer())
+                    ready.add(id(inp))
+                else:  # fan-out: this input already holds another consumer's gradient
+                    like = inp.grad_buffer()
+                    buf = op.buffer(("fan-out", slot), like.shape, like.dtype)
+                    outs.append(buf)
+                    extra.append((inp, buf))
+            op.backward(op.grad_buffer(), outs)
+            for inp, buf in extra:
+                inp.grad_buffer()[...] += buf
+        for v in plan.variables:
+            if id(v) not in ready:
+                v.grad[...] = 0

@@ -1,0 +1,54 @@
+"""FullConnection: x @ W + b on inputs flattened per sample, then an activation."""
+import numpy as np
+
+from ..graph import GraphError, Node, _fmt_shape
+
+
+class Dense(Node):
+    """x (n, ...) flattened in C order to (n, k), then x @ W + b with W (k, m) and b (m,)."""
+
+    def __init__(self, x, W, b, name=None):
+        super().__init__(x, W, b, name=name)
+        if W.shape is None or len(W.shape) != 2:
+            raise GraphError(f"{self!r}: expected a 2-D weight, got '{W.name}' {_fmt_shape(W.shape or ())}")
+        k, m = W.shape
+        if b.shape != (m,):
+            raise GraphError(f"{self!r}: expected bias '{b.name}' of shape ({m},) to match weight '{W.name}' {_fmt_shape(W.shape)}, got {_fmt_shape(b.shape)}")
+        if x.shape is not None and None not in x.shape[1:] and int(np.prod(x.shape[1:])) != k:
+            raise GraphError(f"{self!r}: input '{x.name}' {_fmt_shape(x.shape)} has {int(np.prod(x.shape[1:]))} features per sample, weight '{W.name}' {_fmt_shape(W.shape)} expects {k}")
+        self.shape = (x.shape[0] if x.shape else None, m)
+
+    def forward(self, x, W, b):
+        x2 = x.reshape(x.shape[0], -1)  # x2: (n, k)
+        if x2.shape[1] != W.shape[0]:
+            raise GraphError(f"{self!r}: input has {x2.shape[1]} features per sample, weight {_fmt_shape(W.shape)} expects {W.shape[0]}")
+        y = np.matmul(x2, W, out=self.buffer("out", (x2.shape[0], W.shape[1]), x.dtype))
+        y += b
+        return y  # y: (n, m)
+
+    def backward(self, g, out):
+        x, W = self.last[0].value, self.last[1].value
+        x2 = x.reshape(x.shape[0], -1)
+        # dx = g @ W.T (reshaped back), dW = x.T @ g, db = sum of g over the batch
+        if out[0] is not None:
+            np.matmul(g, W.T, out=out[0].reshape(x2.shape))
+        if out[1] is not None:
+            np.matmul(x2.T, g, out=out[1])
+        if out[2] is not None:
+            np.sum(g, axis=0, out=out[2])
+
+
+def FullConnection(x, W, b, activation=None, name=None):
+    """A fully connected layer: ``activation(x @ W + b)``.
+
+    Args:
+        x: input node (n, k), or (n, ...) which is flattened per sample in C order.
+        W: weight Variable (k, m).
+        b: bias Variable (m,).
+        activation: a function of a node such as ``paranet.relu``; None or ``paranet.Line``
+            for none.
+    Returns:
+        the activation's node (n, m), or the affine node when there is no activation.
+    """
+    y = Dense(x, W, b, name=name)
+    return y if activation is None else activation(y)

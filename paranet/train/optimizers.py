@@ -1,0 +1,99 @@
+"""Optimizers: plain SGD, SGD with momentum and Adam, updating the flat parameter buffer in place.
+
+``Session.run(optimizer, feed)`` runs forward and backward on ``optimizer.loss``, then calls
+``optimizer.apply_gradients(params)``. The update rules are PyTorch's (``torch.optim.SGD`` and
+``torch.optim.Adam``). State lives in flat arrays shaped like ``params.values`` so that it can
+be checkpointed as it is, and a step allocates nothing.
+"""
+import numpy as np
+
+
+class Optimizer:
+    """Base class: holds the loss and the learning rate, and the state arrays by name."""
+
+    def __init__(self, learning_rate, loss):
+        self.learning_rate = learning_rate
+        self.loss = loss
+        self.steps = 0
+        self.state = {}  # name -> flat array shaped like params.values
+
+    def slot(self, name, params):
+        """The state array ``name``, created as zeros on first use."""
+        arr = self.state.get(name)
+        if arr is None or arr.shape != params.values.shape or arr.dtype != params.dtype:
+            arr = self.state[name] = np.zeros_like(params.values)
+        return arr
+
+    def apply_gradients(self, params):
+        """Update ``params.values`` from ``params.grads``."""
+        self.steps += 1
+        self.update(params.values, params.grads, params)
+
+    def update(self, w, g, params):
+        raise NotImplementedError
+
+    def state_dict(self):
+        """Everything needed to resume: the step count and the state arrays (not scratch)."""
+        return {"steps": self.steps, **{k: v for k, v in self.state.items() if k != "tmp"}}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])
+        for name, arr in state.items():
+            if name != "steps":
+                self.state[name] = np.array(arr)
+
+
+class GradientDescentOptimizer(Optimizer):
+    """w -= lr * g."""
+
+    def update(self, w, g, params):
+        tmp = self.slot("tmp", params)
+        np.multiply(g, self.learning_rate, out=tmp)
+        w -= tmp
+
+
+class MomentumOptimizer(Optimizer):
+    """PyTorch's SGD with momentum: buf = momentum * buf + g (buf = g at the first step); w -= lr * buf."""
+
+    def __init__(self, learning_rate, loss, momentum=0.9):
+        super().__init__(learning_rate, loss)
+        self.momentum = momentum
+
+    def update(self, w, g, params):
+        buf = self.slot("momentum", params)
+        if self.steps == 1:
+            buf[...] = g
+        else:
+            buf *= self.momentum
+            buf += g
+        tmp = self.slot("tmp", params)
+        np.multiply(buf, self.learning_rate, out=tmp)
+        w -= tmp
+
+
+
+class AdamOptimizer(Optimizer):
+    """PyTorch's Adam: m, v moving averages of g and g**2 with bias correction;
+    w -= lr * m_hat / (sqrt(v_hat) + epsilon)."""
+
+    def __init__(self, learning_rate, loss, beta1=0.9, beta2=0.999, epsilon=1e-8):
+        super().__init__(learning_rate, loss)
+        self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
+
+    def update(self, w, g, params):
+        m, v, tmp = self.slot("m", params), self.slot("v", params), self.slot("tmp", params)
+        t = self.steps
+        m *= self.beta1
+        np.multiply(g, 1 - self.beta1, out=tmp)
+        m += tmp
+        v *= self.beta2
+        np.multiply(g, g, out=tmp)
+        tmp *= 1 - self.beta2
+        v += tmp
+        # denominator: sqrt(v) / sqrt(1 - beta2^t) + eps, as torch computes it
+        np.sqrt(v, out=tmp)
+        tmp /= np.sqrt(1 - self.beta2**t)
+        tmp += self.epsilon
+        np.divide(m, tmp, out=tmp)
+        tmp *= self.learning_rate / (1 - self.beta1**t)
+        w -= tmp
