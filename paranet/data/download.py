@@ -1,0 +1,108 @@
+"""Download the four MNIST .gz files from the standard mirrors into a cache, checking md5."""
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import DataError
+from .idx import IDX_NAMES
+
+# Tried in this order; a failed or corrupted download moves on to the next one.
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+# md5 of the .gz bytes as published on the mirrors (the embedded copy differs: re-compressed).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+
+
+def default_cache_dir():
+    """Return the folder downloads go to: $XDG_CACHE_HOME/paranet/mnist-idx or ~/.cache/..."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "paranet" / "mnist-idx"
+
+
+def md5_file(path):
+    """Return the hex md5 of a file's bytes."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch(url, dest, progress, timeout):
+    """Stream url into dest, with a tqdm bar when progress is true."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=Path(dest).name.split(".")[0],
+                       leave=False)
+        try:
+            for block in iter(lambda: resp.read(1 << 16), b""):
+                out.write(block)
+                if bar is not None:
+                    bar.update(len(block))
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+def download_mnist(cache_dir=None, mirrors=None, md5=None, progress=True, timeout=30.0):
+    """Make sure the four MNIST .gz files are in cache_dir, downloading what is missing.
+
+    A cached file is kept if its md5 matches. Each download goes to a temporary name,
+    is checked against the published md5 and only then renamed; a failed or corrupted
+    download is deleted and the next mirror is tried.
+
+    Args:
+        cache_dir: folder for the .gz files (default: default_cache_dir()).
+        mirrors: base URLs ending in "/" (default: MIRRORS).
+        md5: {file name: md5 of the .gz bytes} (default: MNIST_MD5, the published sums).
+        progress: show a tqdm progress bar per file.
+        timeout: seconds per connection attempt.
+
+    Returns:
+        The cache folder (Path), holding the four .gz files.
+
+    Raises:
+        DataError: no mirror gave a file with the expected md5 (names each mirror's failure).
+    """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    mirrors = list(MIRRORS if mirrors is None else mirrors)
+    md5 = dict(MNIST_MD5 if md5 is None else md5)
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in (n + ".gz" for n in IDX_NAMES.values()):
+        dest = cache / name
+        if dest.is_file() and md5_file(dest) == md5[name]:
+            continue
+        failures = []
+        for base in mirrors:
+            url = base.rstrip("/") + "/" + name
+            tmp = cache / f".{name}.{os.getpid()}.tmp"
+            try:
+                _fetch(url, tmp, progress, timeout)
+                got = md5_file(tmp)
+                if got != md5[name]:
+                    failures.append(f"{url}: md5 {got} != {md5[name]}")
+                    continue
+                os.replace(tmp, dest)
+                break
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                failures.append(f"{url}: {getattr(e, 'reason', e)}")
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            raise DataError(f"expected a download with md5 {md5[name]}, got none from "
+                            f"{len(mirrors)} mirror(s): " + "; ".join(failures),
+                            file=cache / name, dataset="download")
+    return cache
