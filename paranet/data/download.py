@@ -39,14 +39,13 @@ def md5_file(path):
 
 
 def _fetch(url, dest, progress, timeout):
-    """Stream url into dest, with a tqdm bar when progress is true."""
+    """Stream url into dest, with a tqdm bar (named after the URL's file) when progress is true."""
     with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
         total = int(resp.headers.get("Content-Length") or 0) or None
         bar = None
         if progress:
             from tqdm import tqdm
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc=Path(dest).name.split(".")[0],
-                       leave=False)
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1])
         try:
             for block in iter(lambda: resp.read(1 << 16), b""):
                 out.write(block)
