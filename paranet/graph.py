@@ -106,11 +106,14 @@ class Placeholder(Node):
                 f"placeholder '{self.name}': expected shape {_fmt_shape(self.shape)}, got {_fmt_shape(arr.shape)}"
             )
         arr = arr.astype(dtype, copy=False)
-        # A sum is non-finite exactly when some element is; it is much cheaper than isfinite().all().
-        if arr.size and not np.isfinite(arr.sum(dtype=np.float64)):
-            bad = np.argwhere(~np.isfinite(arr))[0]
+        # A sum is finite only when every element is; it is much cheaper than isfinite().all().
+        # (It can also overflow on huge finite values, so a non-finite sum is checked element-wise.)
+        with np.errstate(over="ignore", invalid="ignore"):
+            suspect = arr.size and not np.isfinite(arr.sum(dtype=np.float64))
+        bad = np.argwhere(~np.isfinite(arr)) if suspect else ()
+        if len(bad):
             raise GraphError(
-                f"placeholder '{self.name}': expected finite values, got {arr[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
+                f"placeholder '{self.name}': expected finite values, got {arr[tuple(bad[0])]} at index {tuple(int(i) for i in bad[0])}"
             )
         return arr
 
