@@ -75,11 +75,20 @@ def build_parser():
 
 
 def parse_args(argv=None):
+    """Parse and complete the flags; only rank 0 prints a usage error (every rank exits 2)."""
     parser = build_parser()
-    if _env_rank() != 0:  # one copy of a usage error, not one per rank
-        sys.stderr = open(os.devnull, "w")
+    if _env_rank() == 0:
+        return _parse(parser, argv)
+    saved, sys.stderr = sys.stderr, open(os.devnull, "w")
+    try:
+        return _parse(parser, argv)
+    finally:
+        sys.stderr.close()
+        sys.stderr = saved
+
+
+def _parse(parser, argv):
     args = parser.parse_args(argv)
-    sys.stderr = sys.__stderr__
     defaults = MODEL_DEFAULTS[args.model]
     if args.epochs is None:
         args.epochs = defaults["epochs"]

@@ -9,6 +9,7 @@ exception on one rank end the whole job instead of leaving the others waiting in
 import os
 import sys
 import traceback
+import time
 import warnings
 from time import perf_counter as _now
 
@@ -83,12 +84,11 @@ def broadcast_parameters(params, world, root=0):
 
 
 def replicas_agree(params, world):
-    """True when every rank holds the same parameters (compared by checksum)."""
+    """True when every rank holds bit-identical parameters (compared by a digest of the bytes)."""
     if not world.distributed:
         return True
-    bounds = np.array([params.checksum(), -params.checksum()])
-    world.comm.Allreduce(MPI.IN_PLACE, bounds, op=MPI.MAX)
-    return bounds[0] == -bounds[1]
+    digests = world.comm.allgather(params.digest())
+    return len(set(digests)) == 1
 
 
 class DistributedOptimizer:
@@ -153,6 +153,7 @@ def install_abort_hook(world, quiet=()):
         else:
             text = "".join(traceback.format_exception(kind, value, tb))
             print(f"paranet: rank {world.rank} of {world.size} failed:\n{text}", file=sys.stderr, flush=True)
+        time.sleep(0.5)  # let the launcher forward our stderr before Abort tears the job down
         world.abort(1)
 
     sys.excepthook = hook

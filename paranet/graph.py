@@ -6,6 +6,8 @@ label placeholder. There is no graph registry: ``Session.run`` orders the work b
 topological walk over ``last`` pointers from the node it is asked for, and backward walks the
 same order in reverse, accumulating gradients where a node feeds several consumers.
 """
+import hashlib
+
 import numpy as np
 
 DEFAULT_DTYPE = np.float32
@@ -202,9 +204,9 @@ class Parameters:
         """(name, Variable) pairs in buffer order."""
         return [(v.name, v) for v in self.variables]
 
-    def checksum(self):
-        """A float64 checksum of the values, cheap enough to compare across replicas."""
-        return float(np.dot(self.values.astype(np.float64), np.arange(1, self.size + 1, dtype=np.float64) % 97 + 1))
+    def digest(self):
+        """A SHA-256 of the values' bytes: equal digests mean bit-identical parameters."""
+        return hashlib.sha256(self.values.tobytes()).hexdigest()
 
     @staticmethod
     def of(variables, dtype):

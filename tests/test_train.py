@@ -1,0 +1,195 @@
+"""The trainer under real mpiexec: P-equivalence, replicas, checkpoints, resume, signals and failures."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from launch import REPO, env, load_params, max_abs_diff, run_train, train_cmd
+
+pytestmark = pytest.mark.mpi
+
+# 126 does not divide by 4 (32, 32, 31, 31 per rank) and 55,000 leaves a short last batch.
+COMMON = ("--dtype", "float64", "--batch-size", "126", "--optimizer", "momentum", "--lr", "0.05")
+
+
+@pytest.fixture(scope="module")
+def p1_params(mnist_h5, tmp_path_factory):
+    """The single-process reference: 30 steps, no launcher at all."""
+    out = tmp_path_factory.mktemp("p1")
+    run_train(None, "--data", mnist_h5, *COMMON, "--max-steps", 30, "--checkpoint", out / "ck.h5",
+              "--save-params", out / "p.npz")
+    return load_params(out / "p.npz")
+
+
+@pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
+def test_p_ranks_reach_the_single_process_parameters(nprocs, mnist_h5, tmp_path, p1_params):
+    proc = run_train(nprocs, "--data", mnist_h5, *COMMON, "--max-steps", 30, "--checkpoint", tmp_path / "ck.h5",
+                     "--save-params", tmp_path / "p.npz", "--metrics", tmp_path / "m.json", "--check-replicas", 10)
+    assert max_abs_diff(load_params(tmp_path / "p.npz"), p1_params) <= 1e-10
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["world_size"] == nprocs
+    assert f"paranet: world size {nprocs}," in proc.stdout
+    assert proc.stdout.count("test accuracy") == 1  # only rank 0 prints
+
+
+def test_float32_equivalence_within_documented_tolerance(mnist_h5, tmp_path):
+    """float32 sums in another order at P=4; README documents the tolerance measured here."""
+    args = ("--data", mnist_h5, "--batch-size", "126", "--optimizer", "momentum", "--lr", "0.05", "--max-steps", 30)
+    run_train(None, *args, "--checkpoint", tmp_path / "a.h5", "--save-params", tmp_path / "a.npz")
+    run_train(4, *args, "--checkpoint", tmp_path / "b.h5", "--save-params", tmp_path / "b.npz")
+    a, b = load_params(tmp_path / "a.npz"), load_params(tmp_path / "b.npz")
+    assert a["fc1/W"].dtype == np.float32
+    diff = max_abs_diff(a, b)
+    assert 0 < diff <= 1e-5, diff  # measured: about 5e-7 after 30 steps
+
+
+def test_sgd_step_is_the_global_batch_mean(mnist_h5, tmp_path):
+    """One plain SGD step at P=3 equals a numpy step on the whole global batch."""
+    from paranet.data import BatchReader
+
+    run_train(3, "--data", mnist_h5, "--dtype", "float64", "--optimizer", "sgd", "--lr", "0.5", "--max-steps", 1,
+              "--batch-size", 100, "--checkpoint", tmp_path / "b.h5", "--save-params", tmp_path / "p.npz")
+    # the initial weights, rebuilt the way the trainer builds them (seed 0)
+    from paranet.models import mlp
+
+    m = mlp(np.random.default_rng(0))
+    names = {v.name: np.array(v.value, dtype=np.float64) for v in _variables(m)}
+    with BatchReader(mnist_h5, "train", batch_size=100, seed=0, dtype=np.float64, prefetch=False) as r:
+        batch = next(iter(r.epoch(0)))
+    x = batch.x.reshape(100, -1)
+    W1, b1, W2, b2 = names["fc1/W"], names["fc1/b"], names["fc2/W"], names["fc2/b"]
+    h = np.maximum(x @ W1 + b1, 0)
+    z = h @ W2 + b2
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d = (p - batch.y) / 100
+    dW2, db2 = h.T @ d, d.sum(0)
+    dh = (d @ W2.T) * (h > 0)
+    dW1, db1 = x.T @ dh, dh.sum(0)
+    expected = {"fc1/W": W1 - 0.5 * dW1, "fc1/b": b1 - 0.5 * db1, "fc2/W": W2 - 0.5 * dW2, "fc2/b": b2 - 0.5 * db2}
+    assert max_abs_diff(load_params(tmp_path / "p.npz"), expected) <= 1e-12
+
+
+def _variables(model):
+    from paranet.graph import Variable, topological_order
+
+    return [n for n in topological_order(model.loss) if isinstance(n, Variable)]
+
+
+def test_checkpoint_layout(mnist_h5, tmp_path):
+    ck = tmp_path / "ck.h5"
+    run_train(2, "--data", mnist_h5, "--max-steps", 5, "--checkpoint", ck, "--optimizer", "adam")
+    with h5py.File(ck, "r") as f:
+        assert sorted(f["params"]) == ["fc1", "fc2"] and sorted(f["params/fc1"]) == ["W", "b"]
+        assert f["params/fc1/W"].shape == (784, 128) and f["params/fc2/b"].shape == (10,)
+        assert sorted(f["optimizer"]) == ["m", "v"] and f["optimizer"].attrs["steps"] == 5
+        assert f.attrs["global_step"] == 5 and f.attrs["step_in_epoch"] == 5 and f.attrs["world_size"] == 2
+        assert json.loads(f.attrs["flags"])["batch_size"] == 128
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.h5"]  # no temporary files left behind
+
+
+def test_resume_matches_an_uninterrupted_run(mnist_h5, tmp_path):
+    args = ("--data", mnist_h5, "--dtype", "float64", "--optimizer", "adam", "--batch-size", 1000, "--epochs", 2)
+    run_train(2, *args, "--max-steps", 70, "--checkpoint", tmp_path / "full.h5", "--save-params", tmp_path / "full.npz")
+    # stop in the middle of epoch 2 (55 steps an epoch), resume at the same and at another P
+    run_train(2, *args, "--max-steps", 60, "--checkpoint", tmp_path / "part.h5")
+    (tmp_path / "part3.h5").write_bytes((tmp_path / "part.h5").read_bytes())
+    run_train(2, *args, "--max-steps", 70, "--checkpoint", tmp_path / "part.h5", "--resume", "--save-params", tmp_path / "same.npz")
+    proc = run_train(3, *args, "--max-steps", 70, "--checkpoint", tmp_path / "part3.h5", "--resume",
+                     "--save-params", tmp_path / "other.npz")
+    assert "resumed from" in proc.stdout and "written by 2 ranks" in proc.stdout
+    full = load_params(tmp_path / "full.npz")
+    assert max_abs_diff(load_params(tmp_path / "same.npz"), full) == 0.0
+    assert max_abs_diff(load_params(tmp_path / "other.npz"), full) <= 1e-10
+
+
+def test_sigterm_checkpoints_and_resume_finishes_like_an_uninterrupted_run(mnist_h5, tmp_path):
+    args = ("--data", mnist_h5, "--dtype", "float64", "--batch-size", 32, "--max-steps", 2500, "--optimizer", "sgd")
+    run_train(2, *args, "--checkpoint", tmp_path / "full.h5", "--save-params", tmp_path / "full.npz")
+    ck = tmp_path / "ck.h5"
+    proc = subprocess.Popen(train_cmd(2, *args, "--checkpoint", ck), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "world size 2" in proc.stdout.readline()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by SIGTERM after step" in out, out + err
+    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert 0 < stopped < 2500
+    with h5py.File(ck, "r") as f:
+        assert f.attrs["global_step"] == stopped
+    run_train(2, *args, "--checkpoint", ck, "--resume", "--save-params", tmp_path / "resumed.npz")
+    assert max_abs_diff(load_params(tmp_path / "resumed.npz"), load_params(tmp_path / "full.npz")) == 0.0
+
+
+def test_a_failing_rank_aborts_the_whole_job(mnist_h5, tmp_path):
+    t0 = time.monotonic()
+    proc = run_train(4, "--data", mnist_h5, "--checkpoint", tmp_path / "ck.h5", timeout=60, check=False,
+                     extra_env={"PARANET_FAULT": "rank=2,step=7"})
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 30
+    assert "rank 2 of 4 failed" in proc.stderr and "injected fault at step 7" in proc.stderr
+
+
+def test_diverged_replicas_are_caught_naming_the_step(mnist_h5, tmp_path):
+    proc = run_train(2, "--data", mnist_h5, "--checkpoint", tmp_path / "ck.h5", "--check-replicas", 4, check=False,
+                     extra_env={"PARANET_FAULT": "rank=1,step=5,kind=perturb"})
+    assert proc.returncode == 1
+    assert "replicas diverged at step 8" in proc.stderr
+
+
+def test_non_finite_loss_stops_naming_the_step(mnist_h5, tmp_path):
+    proc = run_train(2, "--data", mnist_h5, "--checkpoint", tmp_path / "ck.h5", "--optimizer", "sgd", "--lr", "1e4",
+                     check=False)
+    assert proc.returncode == 1
+    assert "non-finite training loss" in proc.stderr and "at step" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_flag_is_an_argparse_error_printed_once(tmp_path):
+    proc = run_train(2, "--batch-size", "0", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("--batch-size must be >= 1") == 1
+    proc = run_train(None, "--model", "resnet", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'resnet'" in proc.stderr
+
+
+@pytest.mark.parametrize("nprocs", [None, 2])
+def test_unreadable_data_gives_one_line(nprocs, tmp_path):
+    bad = tmp_path / "broken.h5"
+    bad.write_bytes(b"not an hdf5 file at all" * 100)
+    proc = run_train(nprocs, "--data", bad, "--checkpoint", tmp_path / "ck.h5", check=False)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and str(bad) in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_runs_without_mpi4py(mnist_h5, tmp_path):
+    """With mpi4py unimportable the same program runs single-process and says so once."""
+    code = ("import sys, runpy; sys.modules['mpi4py'] = None; sys.argv[0] = 'paranet-train';"
+            "runpy.run_module('paranet.train', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, "--data", str(mnist_h5), "--max-steps", "3",
+                           "--checkpoint", str(tmp_path / "ck.h5"), "--metrics", str(tmp_path / "m.json")],
+                          cwd=REPO, env=env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("mpi4py is not installed") == 1
+    assert json.loads((tmp_path / "m.json").read_text())["world_size"] == 1
+
+
+def test_metrics_file(mnist_h5, tmp_path):
+    run_train(2, "--data", mnist_h5, "--epochs", 1, "--max-steps", 40, "--checkpoint", tmp_path / "ck.h5",
+              "--metrics", tmp_path / "m.json")
+    m = json.loads((tmp_path / "m.json").read_text())
+    for key in ("test_accuracy", "test_loss", "history", "samples_per_second", "wall_seconds", "comm_seconds",
+                "world_size", "flags"):
+        assert key in m
+    assert 0.80 < m["test_accuracy"] <= 1.0  # 40 Adam steps reach about 90%
+    assert m["history"][0]["val_accuracy"] > 0.8 and m["flags"]["max_steps"] == 40
+    assert 0 < m["comm_seconds"] < m["wall_seconds"]
