@@ -1,0 +1,366 @@
+"""The graph engine: flat parameter buffers, pointer wiring, topological order, no global
+registry, errors on bad graphs and feeds, dtypes and copies returned by Session.run."""
+import gc
+import re
+import weakref
+
+import numpy as np
+import pytest
+
+import paranet as pn
+from paranet.graph import GraphError, topological_order
+
+
+def mlp(seed=0, hidden=16):
+    """784-free toy MLP: x (None, 6) -> FC relu -> FC softmax -> SoftmaxCrossEntropy."""
+    rng = np.random.default_rng(seed)
+    xs = pn.placeholder((None, 6), name="x")
+    ys = pn.placeholder((None, 3), name="y")
+    W1 = pn.Variable(rng.normal(0, 0.5, (6, hidden)), name="W1")
+    b1 = pn.Variable(np.zeros(hidden), name="b1")
+    W2 = pn.Variable(rng.normal(0, 0.5, (hidden, 3)), name="W2")
+    b2 = pn.Variable(np.zeros(3), name="b2")
+    h = pn.nn.FullConnection(xs, W1, b1, pn.relu)
+    out = pn.nn.FullConnection(h, W2, b2, pn.softmax)
+    loss = pn.SoftmaxCrossEntropy(out, ys)
+    return xs, ys, [W1, b1, W2, b2], h, out, loss
+
+
+def cnn(seed=0):
+    """A small CNN with unnamed Variables (their names are made unique by the buffer layout)."""
+    rng = np.random.default_rng(seed)
+    xs = pn.placeholder((None, 1, 8, 8))
+    ys = pn.placeholder((None, 3))
+    h = pn.nn.Conv2D(xs, pn.Variable(rng.normal(size=(2, 1, 3, 3))), pn.Variable(np.zeros(2)), pn.relu)
+    h = pn.nn.MaxPool(h)
+    out = pn.nn.FullConnection(h, pn.Variable(rng.normal(size=(18, 3))), pn.Variable(np.zeros(3)), pn.softmax)
+    return xs, ys, pn.SoftmaxCrossEntropy(out, ys)
+
+
+def batch(n=5, seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 6)), np.eye(3)[rng.integers(0, 3, n)]
+
+
+def address(a):
+    return a.__array_interface__["data"][0]
+
+
+# ---- flat buffers ---------------------------------------------------------------------
+
+def test_values_and_grads_are_views_into_the_flat_buffers():
+    xs, ys, variables, _, _, loss = mlp()
+    sess = pn.Session()
+    X, Y = batch()
+    sess.run(loss, {xs: X, ys: Y}, need_grad=True)
+    params = sess.parameters(loss)
+    assert params.variables == variables  # the walk order from the loss
+    assert params.values.ndim == 1 and params.values.flags.c_contiguous
+    assert params.grads.ndim == 1 and params.grads.flags.c_contiguous
+    assert params.values.size == params.grads.size == params.size == sum(v.value.size for v in variables)
+    item = params.values.itemsize
+    for i, v in enumerate(variables):
+        lo, hi = params.offsets[i], params.offsets[i + 1]
+        assert hi - lo == v.value.size
+        assert np.shares_memory(v.value, params.values) and np.shares_memory(v.grad, params.grads)
+        assert v.value.base is params.values  # a view of the buffer itself, not of a copy
+        assert v.grad.base is params.grads.base or v.grad.base is params.grads
+        assert address(v.value) == address(params.values) + lo * item
+        assert address(v.grad) == address(params.grads) + lo * item
+        assert v.params is params
+    # contiguous offsets covering the buffer exactly
+    assert params.offsets[0] == 0 and params.offsets[-1] == params.size
+    assert np.all(np.diff(params.offsets) == [v.value.size for v in variables])
+    # the flat gradient is the concatenation of the per-Variable gradients
+    np.testing.assert_array_equal(params.grads, np.concatenate([v.grad.ravel() for v in variables]))
+    assert np.any(params.grads != 0)
+
+
+def test_writes_through_the_flat_buffers_are_seen_by_the_variables():
+    xs, ys, (W1, b1, W2, b2), _, _, loss = mlp()
+    sess = pn.Session()
+    X, Y = batch()
+    sess.run(loss, {xs: X, ys: Y}, need_grad=True)
+    params = sess.parameters(loss)
+    lo, hi = params.offsets[2], params.offsets[3]  # W2
+    params.grads[lo:hi] = 7.0
+    assert np.all(W2.grad == 7.0)
+    params.grads[...] = 0
+    assert np.all(W1.grad == 0) and np.all(b2.grad == 0)
+    params.values[lo] = 123.0
+    assert W2.value.flat[0] == 123.0
+    W1.value = np.ones(W1.shape)  # the setter writes into the buffer, not a new array
+    assert np.all(params.values[params.offsets[0]:params.offsets[1]] == 1)
+    # the buffer survives further runs: the next forward uses the written values
+    assert sess.parameters(loss) is params
+    sess.run(loss, {xs: X, ys: Y}, need_grad=True)
+    assert W2.value.flat[0] == 123.0 and sess.parameters(loss) is params
+
+
+def test_backward_writes_gradients_instead_of_accumulating_across_runs():
+    xs, ys, variables, _, _, loss = mlp()
+    sess = pn.Session()
+    X, Y = batch()
+    sess.run(loss, {xs: X, ys: Y}, need_grad=True)
+    first = sess.parameters(loss).grads.copy()
+    sess.parameters(loss).grads[...] = 1e6  # garbage that must be overwritten
+    sess.run(loss, {xs: X, ys: Y}, need_grad=True)
+    np.testing.assert_array_equal(sess.parameters(loss).grads, first)
+
+
+@pytest.mark.parametrize("model", [mlp, cnn])
+def test_replicas_get_the_same_layout(model):
+    def layout(seed):
+        built = model(seed)
+        loss = built[-1]
+        xs, ys = built[0], built[1]
+        sess = pn.Session()
+        n = 4
+        x = np.zeros((n,) + tuple(xs.shape[1:]))
+        sess.run(loss, {xs: x, ys: np.eye(3)[[0, 1, 2, 0]]}, need_grad=True)
+        params = sess.parameters(loss)
+        return [(name, v.shape) for name, v in params.named()], list(params.offsets), params
+    names_a, offsets_a, pa = layout(0)
+    names_b, offsets_b, pb = layout(1)  # built by the same code again, other initial values
+    assert names_a == names_b and offsets_a == offsets_b
+    assert len({name for name, _ in names_a}) == len(names_a)  # names are unique: they key checkpoints
+    assert pa.values is not pb.values and not np.shares_memory(pa.values, pb.values)
+
+
+def test_default_dtype_is_float32_and_float64_session_gives_float64():
+    xs, ys, variables, _, _, loss = mlp()
+    X, Y = batch()
+    sess = pn.Session()
+    sess.run(loss, {xs: X, ys: Y}, need_grad=True)
+    assert sess.parameters(loss).values.dtype == np.float32
+    assert all(v.value.dtype == np.float32 and v.grad.dtype == np.float32 for v in variables)
+    assert xs.value.dtype == np.float32 and loss.last[0].value.dtype == np.float32
+
+    xs, ys, variables, _, out, loss = mlp()
+    sess = pn.Session(np.float64)
+    sess.run(loss, {xs: X, ys: Y}, need_grad=True)
+    assert sess.parameters(loss).values.dtype == np.float64
+    assert all(v.value.dtype == np.float64 and v.grad.dtype == np.float64 for v in variables)
+    assert sess.run(out, {xs: X}).dtype == np.float64
+    with pytest.raises(GraphError, match="floating dtype, got int32"):
+        pn.Session(np.int32)
+
+
+def test_session_run_returns_a_copy():
+    xs, ys, _, h, out, loss = mlp()
+    sess = pn.Session()
+    X1, _ = batch(seed=1)
+    X2, _ = batch(seed=2)
+    first = sess.run(out, {xs: X1})
+    kept = first.copy()
+    assert not np.shares_memory(first, out.value)
+    first[...] = -1  # scribbling on the result does not touch the graph
+    assert np.all(out.value >= 0)
+    sess.run(out, {xs: X1})
+    second = sess.run(out, {xs: X2})  # the next run reuses the op buffers...
+    np.testing.assert_array_equal(sess.run(out, {xs: X1}), kept)  # ...but earlier results are the caller's
+    assert not np.array_equal(second, kept)
+    value = sess.run(loss, {xs: X1, ys: np.eye(3)[[0, 1, 2, 0, 1]]})
+    assert isinstance(value, float)
+
+
+# ---- pointers ---------------------------------------------------------------------------
+
+def test_last_next_root_target_wiring():
+    xs, ys, (W1, b1, W2, b2), h, out, loss = mlp()
+    dense1 = h.last[0]
+    assert isinstance(dense1, pn.nn.Dense) and dense1.last == [xs, W1, b1]
+    assert dense1 in xs.next and dense1 in W1.next and dense1 in b1.next
+    assert h.next[0].last[0] is h  # relu -> dense2
+    dense2 = out.last[0]
+    assert dense2.last == [h, W2, b2] and out in dense2.next
+    # fused loss: its first input is the logits under the softmax; the softmax stays wired
+    assert loss.last == [dense2, ys] and loss in dense2.next and loss in ys.next
+    assert loss.probs is out and loss.fused
+    # root: the input placeholder upstream; Variables have none; target: the label placeholder
+    assert xs.root is xs and ys.root is ys
+    assert dense1.root is xs and h.root is xs and out.root is xs and loss.root is xs
+    assert W1.root is None
+    assert loss.target is ys
+    unfused = pn.MeanSquareLoss(out, ys)
+    assert unfused.last == [out, ys] and unfused.target is ys and unfused.root is xs
+    # a consumer list grows in creation order
+    assert xs.next == [dense1]
+    other = pn.exp(xs)
+    assert xs.next == [dense1, other]
+
+
+def test_topological_order_of_a_diamond():
+    a = pn.Variable(np.array([0.3, -0.7]), name="a")
+    b, c = pn.exp(a), pn.sin(a)
+    d = b + c
+    order = topological_order(d)
+    assert len(order) == 4 and order[0] is a and order[-1] is d
+    for node in order:
+        for parent in node.last:
+            assert order.index(parent) < order.index(node)
+    twice = d + d  # one node as both inputs of an op: still walked once
+    assert topological_order(twice) == order + [twice]
+    loss = pn.MeanSquareLoss(d, pn.Variable(np.zeros(2), trainable=False))
+    sess = pn.Session(np.float64)
+    sess.run(loss, need_grad=True)
+    value = np.exp(a.value) + np.sin(a.value)
+    np.testing.assert_allclose(a.grad, value / 2 * (np.exp(a.value) + np.cos(a.value)), rtol=1e-12)
+
+
+def test_deep_stack_of_diamonds_is_walked_once_per_node():
+    a = pn.Variable(np.array([0.1]), name="a")
+    h = a
+    for _ in range(200):  # a walk without memo would visit 2**200 paths
+        h = pn.sin(h) + pn.cos(h)
+    order = topological_order(h)
+    assert len(order) == 1 + 3 * 200 and len({id(n) for n in order}) == len(order)
+    position = {id(n): i for i, n in enumerate(order)}
+    assert all(position[id(p)] < position[id(n)] for n in order for p in n.last)
+
+
+def test_two_graphs_do_not_see_each_other():
+    xs_a, ys_a, vars_a, _, _, loss_a = mlp(0)
+    xs_b, ys_b, vars_b, _, _, loss_b = mlp(1)
+    order_a = {id(n) for n in topological_order(loss_a)}
+    assert not order_a & {id(n) for n in topological_order(loss_b)}
+    sess = pn.Session()
+    X, Y = batch()
+    before_b = [v.value.copy() for v in vars_b]
+    opt = pn.train.GradientDescentOptimizer(0.5, loss_a)
+    sess.run(opt, {xs_a: X, ys_a: Y})
+    assert sess.parameters(loss_a).variables == vars_a
+    assert all(v.params is None for v in vars_b)  # B was never packed nor touched
+    assert all(np.array_equal(v.value, w) for v, w in zip(vars_b, before_b))
+    # the same graph in two sessions: each computes the same loss
+    other = pn.Session()
+    assert np.isclose(other.run(loss_a, {xs_a: X, ys_a: Y}), sess.run(loss_a, {xs_a: X, ys_a: Y}))
+
+
+def test_a_dropped_graph_is_garbage_collectable():
+    def build_and_run(run):
+        xs, ys, variables, _, _, loss = mlp()
+        if run:
+            sess = pn.Session()
+            X, Y = batch()
+            sess.run(pn.train.AdamOptimizer(1e-3, loss), {xs: X, ys: Y})
+        return weakref.ref(loss), weakref.ref(variables[0]), weakref.ref(xs)
+
+    for run in (False, True):
+        refs = build_and_run(run)
+        gc.collect()
+        assert all(r() is None for r in refs), f"graph kept alive (run={run})"
+
+
+# ---- errors: each names the node and the expected and actual shape or dtype -----------------
+
+def raises(match_all, fn, *args, **kwargs):
+    """fn(...) raises GraphError whose message contains every string in match_all."""
+    with pytest.raises(GraphError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    for part in match_all:
+        assert part in message, f"{part!r} not in {message!r}"
+    return message
+
+
+def test_feed_of_wrong_shape_or_rank():
+    xs, ys, _, _, out, loss = mlp()
+    sess = pn.Session()
+    raises(["'x'", "(None, 6)", "(5, 7)"], sess.run, out, {xs: np.zeros((5, 7))})
+    raises(["'x'", "(None, 6)", "(6,)"], sess.run, out, {xs: np.zeros(6)})
+    raises(["'x'", "(None, 6)", "(2, 6, 1)"], sess.run, out, {xs: np.zeros((2, 6, 1))})
+    raises(["'y'", "(None, 3)", "(5, 4)"], sess.run, loss, {xs: np.zeros((5, 6)), ys: np.zeros((5, 4))})
+
+
+def test_missing_placeholder():
+    xs, ys, _, _, _, loss = mlp()
+    raises(["'y'", "(None, 3)", "missing"], pn.Session().run, loss, {xs: np.zeros((5, 6))})
+
+
+@pytest.mark.parametrize("bad, dtype", [
+    (np.array([["a"] * 6]), "<U1"),
+    (np.array([[object()] * 6], dtype=object), "object"),
+    (np.ones((1, 6), dtype=bool), "bool"),
+    (np.ones((1, 6), dtype=complex), "complex128"),
+])
+def test_non_numeric_feed(bad, dtype):
+    xs, _, _, _, out, _ = mlp()
+    raises(["'x'", "numeric", dtype], pn.Session().run, out, {xs: bad})
+
+
+def test_non_numeric_variable():
+    raises(["'w'", "numeric", "<U1"], pn.Variable, np.array(["a", "b"]), name="w")
+    raises(["'w'", "numeric", "bool"], pn.Variable, np.array([True]), name="w")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_feed(bad):
+    xs, _, _, _, out, _ = mlp()
+    X = np.zeros((4, 6))
+    X[2, 3] = bad
+    raises(["'x'", "finite", str(bad), "(2, 3)"], pn.Session().run, out, {xs: X})
+
+
+def test_huge_finite_feed_is_accepted():
+    xs = pn.placeholder((None, 2), name="x")
+    big = np.array([[1e308, 1e308]])  # finite, though their sum overflows
+    np.testing.assert_array_equal(pn.Session(np.float64).run(pn.Line(xs), {xs: big}), big)
+
+
+def test_mismatched_variables_into_full_connection():
+    xs = pn.placeholder((None, 5), name="x")
+    W, b = pn.Variable(np.zeros((6, 3)), name="W"), pn.Variable(np.zeros(3), name="b")
+    raises(["'fc'", "'x'", "(None, 5)", "5 features", "(6, 3)", "6"], pn.nn.FullConnection, xs, W, b, name="fc")
+    bad_b = pn.Variable(np.zeros(4), name="b")
+    raises(["'fc'", "'b'", "(3,)", "(4,)"], pn.nn.FullConnection, pn.placeholder((None, 6)), W, bad_b, name="fc")
+    raises(["'fc'", "2-D", "(6,)"], pn.nn.FullConnection, xs, pn.Variable(np.zeros(6), name="W1d"), b, name="fc")
+    # a batch whose width differs only at run time
+    loose = pn.placeholder((None, None), name="loose")
+    fc = pn.nn.FullConnection(loose, W, b, name="fc")
+    raises(["'fc'", "5 features", "(6, 3)"], pn.Session().run, fc, {loose: np.zeros((2, 5))})
+
+
+def test_mismatched_variables_into_conv2d():
+    xs = pn.placeholder((None, 2, 8, 8), name="img")
+    K, b = pn.Variable(np.zeros((4, 3, 3, 3)), name="K"), pn.Variable(np.zeros(4), name="b")
+    raises(["'conv'", "'img'", "3 channels", "(None, 2, 8, 8)", "(4, 3, 3, 3)"], pn.nn.Conv2D, xs, K, b, name="conv")
+    raises(["'conv'", "'b'", "(4,)", "(5,)"], pn.nn.Conv2D, pn.placeholder((None, 3, 8, 8)), K,
+           pn.Variable(np.zeros(5), name="b"), name="conv")
+    raises(["'conv'", "'K3'", "(4, 3, 3)"], pn.nn.Conv2D, xs, pn.Variable(np.zeros((4, 3, 3)), name="K3"), b, name="conv")
+    raises(["'conv'", "'flat'", "(None, 64)"], pn.nn.Conv2D, pn.placeholder((None, 64), name="flat"), K, b, name="conv")
+    raises(["'conv'", "do not fit", "(None, 3, 2, 2)"], pn.nn.Conv2D, pn.placeholder((None, 3, 2, 2)), K, b, name="conv")
+    raises(["'pool'", "(None, 64)"], pn.nn.MaxPool, pn.placeholder((None, 64)), name="pool")
+    # channels known only at run time
+    loose = pn.placeholder((None, None, 8, 8), name="loose")
+    conv = pn.nn.Conv2D(loose, K, b, name="conv")
+    raises(["'conv'", "(N, 3, H >= 3, W >= 3)", "(1, 2, 8, 8)"], pn.Session().run, conv, {loose: np.zeros((1, 2, 8, 8))})
+
+
+def test_mismatched_add_and_matmul_no_silent_broadcasting():
+    a, row = pn.Variable(np.zeros((3, 4)), name="a"), pn.Variable(np.zeros(4), name="row")
+    raises(["'a'", "(3, 4)", "'row'", "(4,)"], pn.add, a, row)
+    raises(["'a'", "(3, 4)", "'row'", "(4,)"], lambda: a + row)
+    raises(["'a'", "(3, 4)", "'c'", "(5, 2)"], pn.matmul, a, pn.Variable(np.zeros((5, 2)), name="c"))
+    # shapes that agree statically but not at run time are caught by the op
+    xs = pn.placeholder((None, 4), name="x")
+    s = pn.add(xs, a)
+    raises(["Add", "(5, 4)", "(3, 4)"], pn.Session().run, s, {xs: np.zeros((5, 4))})
+    raises(["MeanSquareLoss", "(3, 4)", "(4,)"], pn.MeanSquareLoss, a, row)
+
+
+def test_variable_value_setter_checks_shape():
+    W = pn.Variable(np.zeros((2, 3)), name="W")
+    raises(["'W'", "(2, 3)", "(3, 2)"], setattr, W, "value", np.zeros((3, 2)))
+
+
+def test_gradient_of_a_non_scalar_is_refused():
+    xs, _, _, _, out, _ = mlp()
+    raises(["gradients need a scalar", "(5, 3)"], pn.Session().run, out, {xs: np.zeros((5, 6))}, need_grad=True)
+
+
+def test_error_messages_are_graph_errors_and_value_errors():
+    assert issubclass(GraphError, ValueError)
+    with pytest.raises(GraphError, match=re.escape("placeholder 'x'")):
+        xs, _, _, _, out, _ = mlp()
+        pn.Session().run(out, {xs: np.zeros((1, 2))})
