@@ -20,7 +20,9 @@ class Optimizer:
     def slot(self, name, params):
         """The state array ``name``, created as zeros on first use."""
         arr = self.state.get(name)
-        if arr is None or arr.shape != params.values.shape or arr.dtype != params.dtype:
+        if arr is not None and arr.shape == params.values.shape and arr.dtype != params.dtype:
+            arr = self.state[name] = arr.astype(params.dtype)  # loaded in another dtype: keep it
+        if arr is None or arr.shape != params.values.shape:
             arr = self.state[name] = np.zeros_like(params.values)
         return arr
 
@@ -33,8 +35,11 @@ class Optimizer:
         raise NotImplementedError
 
     def state_dict(self):
-        """Everything needed to resume: the step count and the state arrays (not scratch)."""
-        return {"steps": self.steps, **{k: v for k, v in self.state.items() if k != "tmp"}}
+        """Everything needed to resume: the step count and copies of the state arrays (not scratch).
+
+        Copies, so that the snapshot stays consistent with ``steps`` while training goes on.
+        """
+        return {"steps": self.steps, **{k: v.copy() for k, v in self.state.items() if k != "tmp"}}
 
     def load_state_dict(self, state):
         self.steps = int(state["steps"])
