@@ -219,3 +219,16 @@ def test_reader_refuses_use_in_another_process(tmp_path):
     r.close()
     with pytest.raises(DataError, match="closed"):
         r.epoch(0)
+
+
+def test_data_layer_never_imports_mpi4py():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys, paranet.data, paranet.data.__main__\n"
+            "assert 'mpi4py' not in sys.modules, sorted(m for m in sys.modules if 'mpi' in m)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
