@@ -60,6 +60,8 @@ def build_parser():
                    + "; " + ", ".join(f"{o} {v}" for o, v in SGD_LR.items()))
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum")
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+                   help="learning rate over the run: cosine decays it to 0 by the last step")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all")
@@ -70,6 +72,9 @@ def build_parser():
     p.add_argument("--save-params", type=Path, default=None, help=".npz of the final parameters")
     p.add_argument("--check-replicas", type=int, default=0, metavar="N",
                    help="every N steps compare a parameter checksum across ranks (0: off)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="read the next batch in a background thread; helps only when cores are spare "
+                        "(a reader thread competes with the ranks otherwise: see bench/bench_data.py)")
     p.add_argument("--eval-batch-size", type=int, default=1000, help="global batch for validation and test")
     return p
 
@@ -160,16 +165,27 @@ class Trainer:
     def open_readers(self, data):
         a, w = self.args, self.world
         common = dict(rank=w.rank, size=w.size, dtype=self.dtype)
-        self.train_reader = BatchReader(data, "train", batch_size=a.batch_size, seed=a.seed, **common)
+        self.train_reader = BatchReader(data, "train", batch_size=a.batch_size, seed=a.seed, prefetch=a.prefetch, **common)
         eval_bs = max(a.eval_batch_size, w.size)
         self.val_reader = BatchReader(data, "val", batch_size=eval_bs, shuffle=False, prefetch=False, **common)
         self.test_reader = BatchReader(data, "test", batch_size=eval_bs, shuffle=False, prefetch=False, **common)
 
     # -- one step ----------------------------------------------------------------------
 
+    def learning_rate(self):
+        """The rate for the step about to run: a function of the global step only, so resumable."""
+        a = self.args
+        if a.schedule == "constant":
+            return a.lr
+        total = a.epochs * self.train_reader.steps_per_epoch
+        if a.max_steps is not None:
+            total = min(total, a.max_steps)
+        return a.lr * 0.5 * (1 + math.cos(math.pi * min(self.global_step, total) / total))
+
     def step(self, batch):
         """Forward, backward and the averaged update on this rank's shard; returns global sums."""
         m, params = self.model, self.params
+        self.optimizer.optimizer.learning_rate = self.learning_rate()
         if batch.n_local:
             loss = self.session.run(m.loss, {m.x: m.input(batch.x), m.y: batch.y}, need_grad=True)
             correct = int(np.count_nonzero(m.probs.value.argmax(axis=1) == batch.y.argmax(axis=1)))
