@@ -64,7 +64,7 @@ def build_parser():
                    help="learning rate over the run: cosine decays it to 0 by the last step")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all (the lr schedule still spans --epochs)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="HDF5 checkpoint written every epoch and at the end; default: runs/<model>.ckpt.h5")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
@@ -177,9 +177,7 @@ class Trainer:
         a = self.args
         if a.schedule == "constant":
             return a.lr
-        total = a.epochs * self.train_reader.steps_per_epoch
-        if a.max_steps is not None:
-            total = min(total, a.max_steps)
+        total = a.epochs * self.train_reader.steps_per_epoch  # --max-steps cuts a run short, not the schedule
         return a.lr * 0.5 * (1 + math.cos(math.pi * min(self.global_step, total) / total))
 
     def step(self, batch):
