@@ -1,0 +1,54 @@
+#!/bin/bash
+# paranet on a workstation (or a few machines without a batch system): mpiexec around
+# `python -m paranet.train`.
+#
+#   launch/mpirun.sh -n 4 -- --model cnn --epochs 2
+#   launch/mpirun.sh -n 8 -f hosts.txt -- --epochs 5
+#
+# Options (before the training flags; "--" ends them):
+#   -n RANKS     number of ranks (default: $NP, else the number of cores)
+#   -f HOSTFILE  hosts to run on, one "host[:ranks]" per line (MPICH hydra format); every host
+#                needs the same paths for python, the repository and the data (shared storage)
+#                and password-less ssh, or set HYDRA_LAUNCHER/HYDRA_LAUNCHER_EXEC
+#   -h           this help
+# Environment:
+#   PARANET_PYTHON   the Python with paranet installed (default: .venv/bin/python of this
+#                    repository if it exists, else python3 on PATH)
+#   PARANET_MPIEXEC  the mpiexec to use (default: the one next to PARANET_PYTHON, which is the
+#                    mpich wheel's in the project venv, else mpiexec on PATH)
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "launch/mpirun.sh: $*" >&2; echo "run launch/mpirun.sh -h for help" >&2; exit 2; }
+
+ranks=${NP:-$(nproc 2>/dev/null || echo 1)}
+hostfile=
+while getopts ":n:f:h" opt; do
+    case $opt in
+        n) ranks=$OPTARG ;;
+        f) hostfile=$OPTARG ;;
+        h) usage; exit 0 ;;
+        :) die "option -$OPTARG needs a value" ;;
+        *) die "unknown option -$OPTARG" ;;
+    esac
+done
+shift $((OPTIND - 1))
+[[ $ranks =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive rank count, not '$ranks'"
+if [[ -n $hostfile && ! -r $hostfile ]]; then die "hostfile $hostfile is not readable"; fi
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+python=${PARANET_PYTHON:-}
+if [[ -z $python ]]; then
+    if [[ -x $repo/.venv/bin/python ]]; then python=$repo/.venv/bin/python; else python=python3; fi
+fi
+mpiexec=${PARANET_MPIEXEC:-$(dirname "$(command -v "$python")")/mpiexec}
+[[ -x $mpiexec ]] || mpiexec=mpiexec
+
+# One BLAS thread per rank: several ranks share the cores of a machine.
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+cmd=("$mpiexec" -n "$ranks")
+if [[ -n $hostfile ]]; then cmd+=(-f "$hostfile"); fi
+cmd+=("$python" -m paranet.train "$@")
+echo "launch/mpirun.sh: ${cmd[*]}" >&2
+exec "${cmd[@]}"

@@ -1,0 +1,184 @@
+"""launch/slurm.sbatch against a real one-node SLURM on localhost (munged, slurmctld, slurmd).
+
+One cluster serves the whole module; its finalizer stops the daemons by their recorded PIDs and
+checks that they are gone, also when tests fail. Needs root (and apt, if slurm-wlm/munge are not
+installed yet): elsewhere these tests skip, but with CI=true they fail instead.
+"""
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import REPO, env, load_params, max_abs_diff, run_train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from cluster import require  # noqa: E402
+from cluster.slurm import LocalSlurm, missing_requirement  # noqa: E402
+
+pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
+
+SBATCH = REPO / "launch" / "slurm.sbatch"
+# float64 so that an interrupted-and-resumed run can be compared with an uninterrupted one to 1e-10.
+TRAIN = ("--dtype", "float64", "--batch-size", "64")
+# Long enough that the job is still training when the test signals it 0.3 s after the header:
+# 1500 steps take 2-4 s at P=2 here (1.3-3 ms a step, srun vs mpiexec).
+LONG_STEPS = 1500
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    require(missing_requirement() is None, missing_requirement())
+    cluster = LocalSlurm()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        pids = [p.pid for p in cluster.procs.values()]
+        cluster.cleanup()
+        alive = [pid for pid in pids if _alive(pid)]
+        assert not alive, f"SLURM daemons still running after stop: {alive}"
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _job_env(slurm, **extra):
+    """What sbatch exports to the job: our SLURM_CONF, this Python, this checkout."""
+    e = env(PARANET_PYTHON=sys.executable, **extra)
+    e.update({k: v for k, v in slurm.env.items() if k in ("SLURM_CONF", "PATH")})
+    for k in [k for k in e if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:
+        del e[k]
+    return e
+
+
+def _submit(slurm, workdir, ntasks, launcher, *train_args, run_dir=None, **env_extra):
+    """Submit launch/slurm.sbatch from `workdir`; returns (job id, run dir, output file)."""
+    workdir.mkdir(exist_ok=True)
+    run_dir, out = run_dir or workdir / "run", workdir / "job.out"
+    opts = [f"--ntasks={ntasks}", f"--output={out}", f"--chdir={workdir}"]
+    if ntasks > slurm.cpus:
+        opts.append("--overcommit")  # more ranks than cores would otherwise stay PENDING forever
+    e = _job_env(slurm, PARANET_LAUNCHER=launcher, PARANET_RUN_DIR=run_dir, **env_extra)
+    job = slurm.sbatch(SBATCH, *train_args, options=opts, env=e)
+    return job, run_dir, out
+
+
+def _read(path):
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+@pytest.mark.parametrize("ntasks", [2, 4])
+def test_sbatch_trains_with_one_rank_per_task(slurm, mnist_h5, tmp_path, ntasks, launcher):
+    job, run_dir, out = _submit(slurm, tmp_path, ntasks, launcher, "--data", mnist_h5, *TRAIN, "--max-steps", 60)
+    rec = slurm.wait(job, timeout=90)
+    log = _read(out)
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", f"{rec}\n{log}"
+    # The ranks formed one world of SLURM_NTASKS (srun --mpi=none would give singletons of size 1).
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == ntasks, log
+    assert f"paranet: world size {ntasks}," in log
+    assert metrics["completed"] is True and metrics["steps"] == 60
+    assert 0.6 < metrics["test_accuracy"] <= 1.0, metrics["test_accuracy"]  # ~0.86 after 60 steps
+    expected = "srun --mpi=pmi2" if launcher == "srun" else f"{Path(sys.executable).parent / 'mpiexec'} -n {ntasks}"
+    assert f"paranet-sbatch: {expected} " in log  # the launcher asked for is the one that ran
+    assert "training completed" in log
+
+
+def test_srun_mpi_none_would_give_singletons(slurm, mnist_h5, tmp_path):
+    """The trap the world-size assertion above exists for: the job COMPLETES, every rank has size 1."""
+    script = tmp_path / "none.sh"
+    script.write_text(f"""#!/bin/bash
+set -euo pipefail
+srun --mpi=none bash -c 'exec "{sys.executable}" -m paranet.train --data "{mnist_h5}" --max-steps 5 \\
+    --checkpoint "{tmp_path}/ck$SLURM_PROCID.h5" --metrics "{tmp_path}/m$SLURM_PROCID.json"'
+""")
+    job = slurm.sbatch(script, options=["--ntasks=2", f"--output={tmp_path}/job.out"], env=_job_env(slurm))
+    rec = slurm.wait(job, timeout=60)
+    assert rec["JobState"] == "COMPLETED", f"{rec}\n{_read(tmp_path / 'job.out')}"
+    sizes = [json.loads((tmp_path / f"m{i}.json").read_text())["world_size"] for i in range(2)]
+    assert sizes == [1, 1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(mnist_h5, tmp_path_factory):
+    """Parameters of the 2-rank run that is never interrupted (plain mpiexec, no SLURM)."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    run_train(2, "--data", mnist_h5, *TRAIN, "--max-steps", LONG_STEPS, "--checkpoint", d / "ck.h5",
+              "--save-params", d / "p.npz")
+    return load_params(d / "p.npz")
+
+
+def _signal_mid_run(slurm, job, out, timeout=60):
+    """Wait until training has started, then send SIGTERM to the job's tasks as --signal would."""
+    deadline = time.monotonic() + timeout
+    while "paranet: world size" not in _read(out):
+        rec = slurm.job(job)
+        assert rec["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), f"{rec}\n{_read(out)}"
+        assert time.monotonic() < deadline, f"no training header after {timeout} s:\n{_read(out)}"
+        time.sleep(0.1)
+    time.sleep(0.3)  # some steps in, but far from the end
+    slurm.run("scancel", "--signal=TERM", job)
+
+
+def _stopped_step(log):
+    m = re.search(r"paranet: stopped by SIGTERM after step (\d+); checkpoint saved to (\S+)", log)
+    assert m, f"the job was not stopped by SIGTERM:\n{log}"
+    step = int(m.group(1))
+    assert 0 < step < LONG_STEPS, f"stopped at step {step}, not mid-run"
+    return step, Path(m.group(2))
+
+
+def test_sigterm_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, mnist_h5, tmp_path, uninterrupted):
+    args = ("--data", mnist_h5, *TRAIN, "--max-steps", LONG_STEPS, "--save-params", tmp_path / "p.npz")
+    job, run_dir, out = _submit(slurm, tmp_path, 2, "srun", *args)
+    _signal_mid_run(slurm, job, out)
+    # The script saw a stop without metrics and requeued the job itself: between the two runs the
+    # checkpoint is there and the metrics are not.
+    rec = slurm.wait(job, timeout=60, until=lambda r: int(r.get("Restarts", 0)) >= 1
+                     or r["JobState"] not in ("RUNNING", "COMPLETING", "CONFIGURING"))
+    assert int(rec.get("Restarts", 0)) == 1, f"{rec}\n{_read(out)}"
+    assert (run_dir / "checkpoint.h5").exists() and not (run_dir / "metrics.json").exists()
+    step, checkpoint = _stopped_step(_read(out))
+    assert checkpoint == run_dir / "checkpoint.h5"
+
+    rec = slurm.wait(job, timeout=120)
+    log = _read(out)
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", f"{rec}\n{log}"
+    assert int(rec["Restarts"]) == 1
+    assert f"paranet-sbatch: resuming from {checkpoint}" in log
+    assert f"step {step} (written by 2 ranks)" in log  # the trainer's own "resumed from" line
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["completed"] is True and metrics["steps"] == LONG_STEPS and metrics["world_size"] == 2
+    assert max_abs_diff(load_params(tmp_path / "p.npz"), uninterrupted) <= 1e-10
+
+
+def test_sigterm_under_mpiexec_then_resubmit_ends_like_an_uninterrupted_run(slurm, mnist_h5, tmp_path, uninterrupted):
+    """mpiexec inside the allocation passes SIGTERM on too; without requeue the job is resubmitted."""
+    args = ("--data", mnist_h5, *TRAIN, "--max-steps", LONG_STEPS, "--save-params", tmp_path / "p.npz")
+    job, run_dir, out = _submit(slurm, tmp_path, 2, "mpiexec", *args, PARANET_REQUEUE=0)
+    _signal_mid_run(slurm, job, out)
+    rec = slurm.wait(job, timeout=60)
+    log = _read(out)
+    # Stopped early, not requeued: exit status 75 marks the job unfinished, the checkpoint stays.
+    assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "75:0", f"{rec}\n{log}"
+    step, checkpoint = _stopped_step(log)
+    assert checkpoint.exists() and not (run_dir / "metrics.json").exists()
+    assert f"submit again with PARANET_RUN_DIR={run_dir}" in log
+
+    job2, _, out2 = _submit(slurm, tmp_path / "again", 2, "mpiexec", *args, run_dir=run_dir)
+    rec = slurm.wait(job2, timeout=120)
+    log = _read(out2)
+    assert rec["JobState"] == "COMPLETED", f"{rec}\n{log}"
+    assert f"step {step} (written by 2 ranks)" in log
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == LONG_STEPS
+    assert max_abs_diff(load_params(tmp_path / "p.npz"), uninterrupted) <= 1e-10
