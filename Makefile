@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: venv test train data bench clean
+.PHONY: venv test train data bench accuracy clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,10 @@ train: venv
 ## make bench: benchmarks (ratios measured side by side), results in bench/results/
 bench: venv
 	$(PY) -m bench $(ARGS)
+
+## make accuracy: train both models with their defaults and check the README's accuracies
+accuracy: venv
+	$(PY) bench/accuracy.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) datasets/*.h5 bench/results

@@ -41,7 +41,7 @@ class World:
             return
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.library = MPI.Get_library_version().strip().splitlines()[0].strip()
+        self.library = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
         # ranks sharing this machine (they share its cores)
         self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size() if self.size > 1 else 1
 
