@@ -1,0 +1,76 @@
+"""Smoke test of `python -m bench`: the machinery runs with tiny step counts, the JSON has its keys,
+and the hand-written baseline the engine is measured against computes the same training steps."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from launch import REPO, env
+
+pytestmark = pytest.mark.mpi
+
+
+def test_baseline_trains_like_the_engine():
+    """In process, P=1: after a few SGD steps from the same start on the same data, the baseline's
+    parameters equal the engine's (both the plain and the phase-timed step)."""
+    from bench.engine import Baseline, Engine, make_batches
+    from paranet.distributed import MPI, World
+
+    batches = make_batches(32, 3, seed=7)
+    engine = Engine(World(MPI.COMM_SELF), lr=0.1, seed=3)
+    start = engine.flat().copy()
+    plain = Baseline(engine.initial_values(), 32, 0.1)
+    timed = Baseline(engine.initial_values(), 32, 0.1)
+    for i in range(6):
+        x, y, _ = batches[i % 3]
+        loss_e, loss_b = engine.step(x, y), plain.step(x, y)
+        timed.step_phases(x, y, {})
+        assert loss_b == pytest.approx(loss_e, rel=1e-5)
+    moved = np.max(np.abs(engine.flat() - start))
+    assert moved > 1e-3  # the comparison below is not of two untouched copies
+    # float32 rounding only: a few ulps of values ~0.1, a thousandth of how far the steps moved them
+    np.testing.assert_allclose(plain.flat(), engine.flat(), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(timed.flat(), plain.flat())
+
+
+def test_quick_bench_writes_json(tmp_path):
+    """`python -m bench --quick` at P=1, 2 under real mpiexec: every section and key is there, the
+    baseline matches the engine across ranks, the figures are positive."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--procs", "1", "2", "--batches", "128", "--weak-local", "64",
+           "--no-torch", "--no-plot", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine/baseline" in proc.stdout
+    res = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("config", "machine", "correctness", "cases", "scaling", "memory", "time_to_accuracy", "data",
+                "targets", "plot"):
+        assert key in res, key
+    for key in ("nproc", "numpy", "mpi_library"):
+        assert key in res["machine"], key
+    assert {(c["ranks"], c["batch"]) for c in res["cases"]} == {(1, 128), (2, 128), (1, 64)}
+    for c in res["cases"]:
+        for key in ("engine_samples_per_s", "baseline_samples_per_s", "limit_samples_per_s", "gemm_gflops",
+                    "allreduce_us", "phases", "engine_over_baseline_paired"):
+            assert key in c, key
+        assert c["engine_samples_per_s"] > 0 and c["baseline_samples_per_s"] > 0
+        assert (c["allreduce_us"] > 0) == (c["ranks"] > 1)
+    for chk in res["correctness"]:
+        assert chk["engine_moved"] > 1e-3
+        assert chk["max_abs_diff_baseline"] <= 1e-6, chk
+        assert chk["replicas_agree"]
+    assert {c["ranks"] for c in res["correctness"]} == {1, 2}
+    assert [r["target"] for r in res["targets"]].count("1 engine/baseline") == 2
+    assert all(r["result"] in ("PASS", "FAIL") or r["result"].startswith("SKIP") for r in res["targets"])
+    mem = res["memory"]
+    assert len(mem["peak_mb_per_rank"]) == 4 and all(m > 0 for m in mem["peak_mb_per_rank"])
+    assert set(res["scaling"]) == {"strong (global batch 128)", "weak (64 a rank)"}
+
+
+def test_help_names_the_flags():
+    proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0
+    for flag in ("--quick", "--time-to-accuracy", "--data-bench", "--python", "--procs"):
+        assert flag in proc.stdout
