@@ -193,7 +193,8 @@ class Trainer:
             loss_sum, correct = 0.0, 0
         if self.fault and self.fault.get("step") == self.global_step:
             _inject(self.fault, params)
-        return self.optimizer.apply_gradients(params, batch.n_local, loss_sum, correct, self.stop_requested)
+        return self.optimizer.apply_gradients(params, batch.n_local, loss_sum, correct, self.stop_requested,
+                                              total=batch.n_global)
 
     def evaluate(self, reader):
         """(mean loss, accuracy) over a whole split, each rank evaluating its shard."""

@@ -108,10 +108,12 @@ class Placeholder(Node):
                 f"placeholder '{self.name}': expected shape {_fmt_shape(self.shape)}, got {_fmt_shape(arr.shape)}"
             )
         arr = arr.astype(dtype, copy=False)
-        # A sum is finite only when every element is; it is much cheaper than isfinite().all().
-        # (It can also overflow on huge finite values, so a non-finite sum is checked element-wise.)
+        # A sum of squares (one BLAS dot) is finite only when every element is, and costs less
+        # than isfinite().all(); it can overflow on huge finite values, so a non-finite result is
+        # checked element-wise.
         with np.errstate(over="ignore", invalid="ignore"):
-            suspect = arr.size and not np.isfinite(arr.sum(dtype=np.float64))
+            flat = arr.reshape(-1)
+            suspect = arr.size and not np.isfinite(np.vdot(flat, flat))
         bad = np.argwhere(~np.isfinite(arr)) if suspect else ()
         if len(bad):
             raise GraphError(

@@ -62,8 +62,9 @@ class SoftmaxCrossEntropy(Loss):
             logp = self.buffer("logp", x.shape, x.dtype)
             np.subtract(x, x.max(axis=-1, keepdims=True), out=logp)
             p = np.exp(logp, out=self.buffer("p", x.shape, x.dtype))
-            logp -= np.log(p.sum(axis=-1, keepdims=True))
-            np.exp(logp, out=p)
+            total = p.sum(axis=-1, keepdims=True)
+            p /= total
+            logp -= np.log(total)
             self.probs.value = p
         else:
             if np.any(x < 0):
