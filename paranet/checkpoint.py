@@ -41,6 +41,22 @@ def atomic_h5(path, write):
             tmp.unlink()
 
 
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def save(path, params, optimizer, *, epoch, step_in_epoch, global_step, world_size, seed, flags, rng_state=None):
     """Write a checkpoint of ``params`` (a Parameters) and ``optimizer`` to ``path``."""
 

@@ -19,6 +19,7 @@ from . import checkpoint
 from .data import BatchReader, DataError, default_data_path, ensure_default_dataset
 from .graph import GraphError, Session
 from .models import MODELS
+from .timeline import NoTimeline, Timeline, write_trace
 from .train import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer
 
 OPTIMIZERS = {"sgd": GradientDescentOptimizer, "momentum": MomentumOptimizer, "adam": AdamOptimizer}
@@ -75,6 +76,12 @@ def build_parser():
     p.add_argument("--prefetch", action="store_true",
                    help="read the next batch in a background thread; helps only when cores are spare "
                         "(a reader thread competes with the ranks otherwise: see bench/bench_data.py)")
+    p.add_argument("--timeline", type=Path, default=None, metavar="TRACE.json",
+                   help="write per-rank spans (read, forward, backward, allreduce, update) as a Chrome/Perfetto "
+                        "trace of the first --timeline-steps steps")
+    p.add_argument("--timeline-steps", type=int, default=200, help="steps recorded by --timeline")
+    p.add_argument("--plot", type=Path, default=None, metavar="CURVES.png",
+                   help="draw loss and accuracy curves per epoch (needs matplotlib)")
     p.add_argument("--eval-batch-size", type=int, default=1000, help="global batch for validation and test")
     return p
 
@@ -108,6 +115,11 @@ def _parse(parser, argv):
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install matplotlib (or pip install 'paranet[plot]')")
     return args
 
 
@@ -122,14 +134,7 @@ def flags_of(args):
 
 
 def write_json_atomic(path, obj):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    checkpoint.atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def save_params_npz(path, params):
@@ -159,6 +164,8 @@ class Trainer:
         self.history = []
         self.stop_requested = False
         self.fault = _parse_fault(os.environ.get("PARANET_FAULT"), world.rank)
+        self.recording = Timeline(world.rank) if args.timeline else None
+        self.timeline = self.optimizer.timeline = self.recording or NoTimeline()
 
     # -- data --------------------------------------------------------------------------
 
@@ -182,12 +189,16 @@ class Trainer:
 
     def step(self, batch):
         """Forward, backward and the averaged update on this rank's shard; returns global sums."""
-        m, params = self.model, self.params
+        m, params, tl = self.model, self.params, self.timeline
         self.optimizer.optimizer.learning_rate = self.learning_rate()
         if batch.n_local:
-            loss = self.session.run(m.loss, {m.x: m.input(batch.x), m.y: batch.y}, need_grad=True)
+            plan = self.session.plan(m.loss)
+            with tl.span("forward"):
+                self.session.forward(plan, {m.x: m.input(batch.x), m.y: batch.y})
+            with tl.span("backward"):
+                self.session.backward(plan)
             correct = int(np.count_nonzero(m.probs.value.argmax(axis=1) == batch.y.argmax(axis=1)))
-            loss_sum = loss * batch.n_local
+            loss_sum = float(m.loss.value) * batch.n_local
         else:  # a final tiny batch left this rank without samples: it contributes nothing
             params.grads[...] = 0
             loss_sum, correct = 0.0, 0
@@ -195,6 +206,16 @@ class Trainer:
             _inject(self.fault, params)
         return self.optimizer.apply_gradients(params, batch.n_local, loss_sum, correct, self.stop_requested,
                                               total=batch.n_global)
+
+    def batches(self):
+        """This epoch's batches from the current step on, their reading timed on the timeline."""
+        it = iter(self.train_reader.epoch(self.epoch, self.step_in_epoch))
+        while True:
+            with self.timeline.span("read"):
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
 
     def evaluate(self, reader):
         """(mean loss, accuracy) over a whole split, each rank evaluating its shard."""
@@ -250,9 +271,11 @@ class Trainer:
                 continue
             bar = self._bar(steps_per_epoch)
             sums, comm0, t0 = np.zeros(3), self.optimizer.comm_seconds, time.perf_counter()
-            for batch in self.train_reader.epoch(self.epoch, self.step_in_epoch):
+            for batch in self.batches():
                 count, loss_sum, correct, stop = self.step(batch)
                 self.global_step += 1
+                if self.recording is not None and self.global_step == self.args.timeline_steps:
+                    self.timeline = self.optimizer.timeline = NoTimeline()
                 self.step_in_epoch += 1
                 if not math.isfinite(loss_sum):
                     raise Stop(f"paranet: non-finite training loss ({loss_sum / count}) at step {self.global_step} "
@@ -297,7 +320,13 @@ class Trainer:
         wall = time.perf_counter() - t_start
         self.log(f"test loss {test_loss:.4f}  test accuracy {100 * test_acc:.2f}%  "
                  f"({self.global_step} steps, {wall:.1f} s)", flush=True)
+        if a.timeline:
+            events = w.gather_object(self.recording.events)
+            if w.rank == 0:
+                write_trace(a.timeline, events, w.size)
         if w.rank == 0:
+            if a.plot:
+                plot_curves(a.plot, self.history)
             comm = self.optimizer.comm_seconds - comm_start
             metrics = {
                 "completed": True, "test_accuracy": test_acc, "test_loss": test_loss, "history": self.history,
@@ -333,6 +362,32 @@ class Trainer:
     def _close_bar(bar):
         if bar is not None:
             bar.close()
+
+
+def plot_curves(path, history):
+    """Loss and accuracy per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax2.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
+    ax2.plot(epochs, [100 * h["val_accuracy"] for h in history], "o-", label="validation")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def _parse_fault(spec, rank):

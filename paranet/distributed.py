@@ -105,6 +105,7 @@ class DistributedOptimizer:
         self.world = world
         self.loss = optimizer.loss
         self.comm_seconds = 0.0  # time spent in the Allreduce, for the comm share
+        self.timeline = None  # a paranet.timeline.Timeline to record allreduce and update spans on
 
     def apply_gradients(self, params, count=None, loss_sum=None, correct=0, stop=False, total=None):
         """Average ``params.grads`` over ranks, then apply the wrapped optimizer's update.
@@ -130,7 +131,10 @@ class DistributedOptimizer:
         tail[COUNT], tail[LOSS_SUM], tail[CORRECT], tail[STOP] = count, loss_sum, correct, float(stop)
         t0 = _now()
         self.world.allreduce_sum(buf)
-        self.comm_seconds += _now() - t0
+        t1 = _now()
+        self.comm_seconds += t1 - t0
+        if self.timeline is not None:
+            self.timeline.add("allreduce", t0, t1)
         reduced = float(tail[COUNT])
         if total is None:
             if reduced not in (0, 1):
@@ -138,6 +142,8 @@ class DistributedOptimizer:
         elif reduced != total:
             raise RuntimeError(f"ranks disagree on the global batch: {reduced:g} samples reduced, {total} expected")
         self.optimizer.apply_gradients(params)
+        if self.timeline is not None:
+            self.timeline.add("update", t1, _now())
         return reduced, float(tail[LOSS_SUM]), float(tail[CORRECT]), bool(tail[STOP] > 0)
 
     def state_dict(self):

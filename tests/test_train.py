@@ -193,3 +193,27 @@ def test_metrics_file(mnist_h5, tmp_path):
     assert 0.80 < m["test_accuracy"] <= 1.0  # 40 Adam steps reach about 90%
     assert m["history"][0]["val_accuracy"] > 0.8 and m["flags"]["max_steps"] == 40
     assert 0 < m["comm_seconds"] < m["wall_seconds"]
+
+
+def test_timeline_has_every_phase_of_every_rank(mnist_h5, tmp_path):
+    trace = tmp_path / "trace.json"
+    run_train(2, "--data", mnist_h5, "--max-steps", 30, "--checkpoint", tmp_path / "ck.h5", "--timeline", trace,
+              "--timeline-steps", 12)
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    for rank in (0, 1):
+        mine = [e for e in events if e["pid"] == rank]
+        for phase in ("read", "forward", "backward", "allreduce", "update"):
+            spans = [e for e in mine if e["name"] == phase]
+            assert len(spans) == 12, (rank, phase, len(spans))
+            assert all(e["dur"] >= 0 for e in spans)
+        forward = sorted(e["ts"] for e in mine if e["name"] == "forward")
+        backward = sorted(e["ts"] for e in mine if e["name"] == "backward")
+        assert all(f < b for f, b in zip(forward, backward))  # each step's forward precedes its backward
+
+
+def test_plot_draws_a_png(mnist_h5, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curves.png"
+    run_train(None, "--data", mnist_h5, "--epochs", 2, "--max-steps", 20, "--batch-size", 1000,
+              "--checkpoint", tmp_path / "ck.h5", "--plot", png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
