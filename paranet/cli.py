@@ -24,7 +24,7 @@ from .train import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer
 
 OPTIMIZERS = {"sgd": GradientDescentOptimizer, "momentum": MomentumOptimizer, "adam": AdamOptimizer}
 # Defaults per model, measured to reach the README's accuracies (see `make accuracy`).
-MODEL_DEFAULTS = {"mlp": {"epochs": 12, "lr": 1e-3}, "cnn": {"epochs": 4, "lr": 2e-3}}
+MODEL_DEFAULTS = {"mlp": {"epochs": 12, "lr": 1e-3}, "cnn": {"epochs": 6, "lr": 2e-3}}
 SGD_LR = {"sgd": 0.1, "momentum": 0.02}
 
 

@@ -42,16 +42,16 @@ def mlp(rng, hidden=128):
     return Model("mlp", x, y, p, SoftmaxCrossEntropy(p, y, name="loss"))
 
 
-def cnn(rng):
-    """LeNet-style: conv 5x5 (8) - pool 2 - conv 5x5 (16) - pool 2 - fc 128 - fc 10."""
+def cnn(rng, c1=16, c2=32, hidden=128):
+    """LeNet-style: conv 5x5 (c1) - pool 2 - conv 5x5 (c2) - pool 2 - fc hidden - fc 10."""
     x = placeholder((None, 1, 28, 28), name="images")
     y = placeholder((None, 10), name="labels")
-    c1 = nn.Conv2D(x, _he(rng, (8, 1, 5, 5), 25, "conv1/K"), _zeros(8, "conv1/b"), act.relu, name="conv1")  # (n, 8, 24, 24)
-    p1 = nn.MaxPool(c1, 2)  # (n, 8, 12, 12)
-    c2 = nn.Conv2D(p1, _he(rng, (16, 8, 5, 5), 200, "conv2/K"), _zeros(16, "conv2/b"), act.relu, name="conv2")  # (n, 16, 8, 8)
-    p2 = nn.MaxPool(c2, 2)  # (n, 16, 4, 4)
-    h = nn.FullConnection(p2, _he(rng, (256, 128), 256, "fc1/W"), _zeros(128, "fc1/b"), act.relu, name="fc1")
-    p = nn.FullConnection(h, _he(rng, (128, 10), 128, "fc2/W"), _zeros(10, "fc2/b"), act.softmax, name="fc2")
+    h = nn.Conv2D(x, _he(rng, (c1, 1, 5, 5), 25, "conv1/K"), _zeros(c1, "conv1/b"), act.relu, name="conv1")  # (n, c1, 24, 24)
+    h = nn.MaxPool(h, 2)  # (n, c1, 12, 12)
+    h = nn.Conv2D(h, _he(rng, (c2, c1, 5, 5), 25 * c1, "conv2/K"), _zeros(c2, "conv2/b"), act.relu, name="conv2")  # (n, c2, 8, 8)
+    h = nn.MaxPool(h, 2)  # (n, c2, 4, 4)
+    h = nn.FullConnection(h, _he(rng, (16 * c2, hidden), 16 * c2, "fc1/W"), _zeros(hidden, "fc1/b"), act.relu, name="fc1")
+    p = nn.FullConnection(h, _he(rng, (hidden, 10), hidden, "fc2/W"), _zeros(10, "fc2/b"), act.softmax, name="fc2")
     return Model("cnn", x, y, p, SoftmaxCrossEntropy(p, y, name="loss"))
 
 
