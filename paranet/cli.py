@@ -44,11 +44,20 @@ def _env_rank():
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="paranet-train",
         description="Data-parallel MNIST training. Run under `mpirun -n P` for P ranks, or alone for one.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--data", type=Path, default=None, help="HDF5 dataset (made by `python -m paranet.data`); "
                    f"default: {default_data_path()}, built from the embedded MNIST on first use")
@@ -59,12 +68,13 @@ def build_parser():
     p.add_argument("--lr", type=float, default=None, help="learning rate; default: adam "
                    + ", ".join(f"{m} {d['lr']}" for m, d in MODEL_DEFAULTS.items())
                    + "; " + ", ".join(f"{o} {v}" for o, v in SGD_LR.items()))
-    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="the update rule (PyTorch's)")
     p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
                    help="learning rate over the run: cosine decays it to 0 by the last step")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="parameters, activations and gradients")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all (the lr schedule still spans --epochs)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="HDF5 checkpoint written every epoch and at the end; default: runs/<model>.ckpt.h5")
@@ -356,7 +366,7 @@ class Trainer:
         from tqdm import tqdm
 
         return tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.args.epochs}",
-                    leave=False, dynamic_ncols=True)
+                    leave=False, dynamic_ncols=True, file=sys.stdout)
 
     @staticmethod
     def _close_bar(bar):

@@ -217,3 +217,44 @@ def test_plot_draws_a_png(mnist_h5, tmp_path):
     run_train(None, "--data", mnist_h5, "--epochs", 2, "--max-steps", 20, "--batch-size", 1000,
               "--checkpoint", tmp_path / "ck.h5", "--plot", png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_shows_defaults_and_console_script_exists():
+    script = REPO / ".venv" / "bin" / "paranet-train"
+    exe = [str(script)] if script.exists() else [sys.executable, "-m", "paranet.train"]
+    proc = subprocess.run([*exe, "--help"], capture_output=True, text=True, env=env(), timeout=60)
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for expected in ("--batch-size BATCH_SIZE global batch size, split over the ranks (default: 128)",
+                     "--optimizer {adam,momentum,sgd} the update rule (PyTorch's) (default: adam)", "--check-replicas N",
+                     "mlp 12, cnn 6"):
+        assert expected in text, expected
+
+
+def test_progress_bar_on_a_terminal(mnist_h5, tmp_path):
+    """Rank 0 draws a tqdm bar when stdout is a terminal, and none when it is a pipe."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    proc = subprocess.Popen(train_cmd(None, "--data", mnist_h5, "--max-steps", 40, "--checkpoint", tmp_path / "ck.h5"),
+                            cwd=REPO, env=env(), stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=60) == 0
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "epoch 1/12:" in shown and "it/s" in shown  # tqdm's bar
+    piped = run_train(None, "--data", mnist_h5, "--max-steps", 40, "--checkpoint", tmp_path / "ck2.h5")
+    assert "it/s" not in piped.stdout + piped.stderr
