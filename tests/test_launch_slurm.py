@@ -5,7 +5,6 @@ checks that they are gone, also when tests fail. Needs root (and apt, if slurm-w
 installed yet): elsewhere these tests skip, but with CI=true they fail instead.
 """
 import json
-import os
 import re
 import sys
 import time
@@ -37,18 +36,11 @@ def slurm():
         cluster.start()
         yield cluster
     finally:
-        pids = [p.pid for p in cluster.procs.values()]
+        daemons = [p.pid for p in cluster.procs.values()]
+        cluster.stop()
+        left = [pid for pid in daemons if Path(f"/proc/{pid}").exists()] + cluster.stragglers()
         cluster.cleanup()
-        alive = [pid for pid in pids if _alive(pid)]
-        assert not alive, f"SLURM daemons still running after stop: {alive}"
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        assert not left, f"processes of the test cluster still running after stop: {left}"
 
 
 def _job_env(slurm, **extra):

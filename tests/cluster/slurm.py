@@ -209,23 +209,40 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         return "\n".join(parts)
 
     def stop(self, grace=10.0):
-        """End the daemons we started, by their recorded PIDs: SIGTERM, then SIGKILL after `grace` s."""
+        """Cancel the jobs, end the daemons we started by their recorded PIDs, then any process
+        the cluster left behind (slurmstepd, job tasks); SIGTERM, then SIGKILL after `grace` s."""
+        if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
+            self._cancel_jobs(grace)
         order = ["slurmd", "slurmctld", "munged"]
-        for name in order:
-            p = self.procs.get(name)
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
+        _terminate([self.procs[n].pid for n in order if n in self.procs], grace,
+                   waiters={self.procs[n].pid: self.procs[n] for n in order if n in self.procs})
+        self.procs.clear()
+        # A slurmstepd may outlive slurmd and ignore SIGTERM (a job still running at shutdown).
+        _terminate(self.stragglers(), grace)
+
+    def _cancel_jobs(self, grace):
+        r = self.run("squeue", "-h", "-o", "%A", check=False, timeout=10)
+        ids = r.stdout.split()
+        if not ids:
+            return
+        self.run("scancel", *ids, check=False, timeout=10)
         deadline = time.monotonic() + grace
-        for name in order:
-            p = self.procs.get(name)
-            if p is None:
+        while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%A", check=False).stdout.strip():
+            time.sleep(0.2)
+
+    def stragglers(self):
+        """PIDs of live processes this cluster started: they carry our unique SLURM_CONF."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit() or int(d.name) == os.getpid():
                 continue
             try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
-        self.procs.clear()
+                if marker in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:
+                continue
+        return pids
 
     def cleanup(self):
         """stop(), then remove the temporary directory."""
@@ -262,3 +279,39 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
         self.run("scancel", job_id, check=False)
         raise TimeoutError(f"job {job_id} still {rec.get('JobState')} after {timeout:.0f} s "
                            f"(reason {rec.get('Reason')}); cancelled it.\n{self.logs()}")
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+def _terminate(pids, grace, waiters=None):
+    """SIGTERM `pids`, wait up to `grace` s, SIGKILL the ones still alive; reap our children."""
+    waiters = waiters or {}
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        for p in waiters.values():
+            p.poll()
+        if not any(_alive(pid) for pid in pids):
+            break
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in waiters.values():
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
