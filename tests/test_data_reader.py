@@ -113,30 +113,10 @@ def test_reads_are_contiguous_slices_never_fancy_indexing(tmp_path):
             return self.d[key]
 
     r._images, r._labels = Spy(r._images), Spy(r._labels)
-    r._direct = None  # the h5py path (the direct path is checked below)
     batches = list(r.epoch(0))
     assert keys and all(isinstance(k, slice) and k.step is None for k in keys)
     assert sum(k.stop - k.start for k in keys) == 2 * sum(b.n_local for b in batches)
     r.close()
-
-
-def test_direct_reads_match_h5py_and_touch_one_or_two_chunks(mnist_h5, monkeypatch):
-    import os
-    direct = BatchReader(mnist_h5, "train", rank=2, size=4, batch_size=128, prefetch=False)
-    via_h5py = BatchReader(mnist_h5, "train", rank=2, size=4, batch_size=128, prefetch=False)
-    assert direct._direct is not None
-    via_h5py._direct = None
-    calls = []
-    real = os.preadv
-    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append(sum(len(b) for b in bufs))
-                        or real(fd, bufs, off))
-    for a, b in zip(direct.epoch(1), via_h5py.epoch(1), strict=True):
-        assert np.array_equal(a.x, b.x) and np.array_equal(a.y, b.y)
-    image_reads = [c for c in calls if c % 784 == 0 and c >= 784]
-    assert sum(image_reads) == 784 * direct.rows_read
-    assert len(calls) <= 2 * 2 * (direct.steps_per_epoch + 1)  # images + labels, <= 2 chunks a step
-    direct.close()
-    via_h5py.close()
 
 
 def test_start_step_skips_without_reading(tmp_path):

@@ -13,10 +13,8 @@ How an epoch is cut (the same for every number of ranks P):
 * Rank r of P takes a contiguous slice of each global batch, ``numpy.array_split`` style:
   shard sizes differ by at most one, lower ranks get the extra rows. Concatenating the
   shards of ranks 0..P-1 gives exactly the batch one process would read, row for row.
-  So each rank issues one hyperslab read per step (two at the wrap), never a fancy index,
-  and never reads another rank's rows. For paranet's own (unfiltered, whole-row chunk)
-  layout the hyperslab is read with ``os.preadv`` straight from the chunks' byte
-  offsets (one call per chunk touched, GIL released), else through h5py slicing.
+  So each rank issues one hyperslab read per step (two at the wrap) through h5py slicing,
+  never a fancy index, and never reads another rank's rows.
 
 Uneven sizes, and what happens to the remainder:
 
@@ -115,8 +113,6 @@ class BatchReader:
         self.rows_read = 0
         self.reads = 0
         self._file = None
-        self._fd = None
-        self._direct = None
         self._pid = os.getpid()
         self._open_and_validate()
 
@@ -189,57 +185,11 @@ class BatchReader:
                 raise self._error(f"expected labels in 0..{NUM_CLASSES - 1}, got {int(piece[bad])} "
                                   f"at row {start + bad}", dataset=lp)
         self._images, self._labels = images, labels
-        self._direct = self._direct_layouts()
         self.num_samples = n
         self.steps_per_epoch = -(-n // self.batch_size)
         # x = (raw / 255 - mean) / std = raw * scale - shift
         self._scale = 1.0 / (255.0 * self.std)
         self._shift = self.mean / self.std
-
-    def _direct_layouts(self):
-        """Byte layouts for reading rows with os.preadv, or None to read through h5py.
-
-        For an unfiltered uint8 dataset whose chunks hold whole rows (or a contiguous
-        one), row i of chunk k sits at byte ``chunk_offset[k] + (i % rows_per_chunk) *
-        row_bytes``. Reading those bytes directly skips h5py's per-call overhead and, unlike
-        an h5py read, releases the GIL, so the prefetch thread overlaps the training step.
-        """
-        layouts = []
-        for ds in (self._images, self._labels):
-            if ds._filters or ds.dtype != np.uint8 or not hasattr(ds.id, "chunk_iter") or not hasattr(os, "preadv"):
-                return None
-            row_bytes = int(np.prod(ds.shape[1:], dtype=np.int64))
-            if ds.chunks is None:
-                offset = ds.id.get_offset()
-                if offset is None:
-                    return None
-                layouts.append((ds.shape[0], np.array([offset], np.int64), row_bytes))
-                continue
-            rows = ds.chunks[0]
-            if tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
-                return None
-            offsets = np.full(-(-ds.shape[0] // rows), -1, np.int64)  # (n_chunks,) byte offsets
-            ds.id.chunk_iter(lambda info: offsets.__setitem__(info.chunk_offset[0] // rows, info.byte_offset))
-            if (offsets < 0).any():
-                return None
-            layouts.append((rows, offsets, row_bytes))
-        self._fd = os.open(self.path, os.O_RDONLY)
-        return layouts
-
-    def _preadv(self, layout, out, a, b):
-        """Read rows a..b-1 of a dataset with `layout` into out (rows, ...), one preadv per chunk."""
-        rows, offsets, row_bytes = layout
-        flat = out.reshape(-1)
-        i = a
-        while i < b:
-            k, r = divmod(i, rows)
-            j = min(b, (k + 1) * rows)
-            want = (j - i) * row_bytes
-            got = os.preadv(self._fd, [flat[(i - a) * row_bytes:(j - a) * row_bytes]],
-                            int(offsets[k]) + r * row_bytes)
-            if got != want:
-                raise OSError(f"short read: {got} of {want} bytes at chunk {k}")
-            i = j
 
     # -- the plan: which rows make up each global batch ------------------------------------
 
@@ -276,15 +226,9 @@ class BatchReader:
         while done < count:                              # at most two runs (wrap at row N)
             a = (first + done) % n
             b = min(n, a + count - done)
-            try:
-                if self._direct is not None:             # one preadv per chunk touched
-                    raws.append(np.empty((b - a, 28, 28), np.uint8))
-                    labs.append(np.empty(b - a, np.uint8))
-                    self._preadv(self._direct[0], raws[-1], a, b)
-                    self._preadv(self._direct[1], labs[-1], a, b)
-                else:  # plain slices: one hyperslab each (faster here than read_direct)
-                    raws.append(self._images[a:b])       # (b - a, 28, 28) uint8
-                    labs.append(self._labels[a:b])       # (b - a,) uint8
+            try:  # plain slices: one hyperslab each, never a fancy index
+                raws.append(self._images[a:b])           # (b - a, 28, 28) uint8
+                labs.append(self._labels[a:b])           # (b - a,) uint8
             except (OSError, ValueError, TypeError) as e:
                 raise self._error(f"expected readable rows {a}..{b - 1}, got {e}",
                                   dataset=f"/{self.split}/images") from None
@@ -346,9 +290,6 @@ class BatchReader:
 
     def close(self):
         """Close the HDF5 file (idempotent)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
         if self._file is not None:
             self._file.close()
             self._file = None
