@@ -30,7 +30,8 @@ LONG_STEPS = 1500
 
 @pytest.fixture(scope="module")
 def slurm():
-    require(missing_requirement() is None, missing_requirement())
+    reason = missing_requirement()  # installs slurm-wlm and munge with apt when root and missing
+    require(reason is None, reason)
     cluster = LocalSlurm()
     try:
         cluster.start()
@@ -75,6 +76,7 @@ def test_sbatch_trains_with_one_rank_per_task(slurm, mnist_h5, tmp_path, ntasks,
     rec = slurm.wait(job, timeout=90)
     log = _read(out)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", f"{rec}\n{log}"
+    assert rec["TimeLimit"] == "01:00:00" and rec["Requeue"] == "1"  # the script's #SBATCH lines count
     # The ranks formed one world of SLURM_NTASKS (srun --mpi=none would give singletons of size 1).
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == ntasks, log
