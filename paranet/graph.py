@@ -75,7 +75,7 @@ class Node:
         """The array this node's gradient is accumulated in during backward."""
         value = np.asarray(self.value)
         if self._grad is None or self._grad.shape != value.shape or self._grad.dtype != value.dtype:
-            self._grad = np.empty_like(value)
+            self._grad = np.empty(value.shape, value.dtype)  # C order: ops may reshape it in place
         return self._grad
 
     def buffer(self, key, shape, dtype):
