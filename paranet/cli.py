@@ -401,7 +401,7 @@ def plot_curves(path, history):
 
 
 def _parse_fault(spec, rank):
-    """Test hook: PARANET_FAULT='rank=R,step=S,kind=raise|perturb' breaks rank R at step S."""
+    """Test hook: PARANET_FAULT='rank=R,step=S,kind=raise|perturb|sigterm' breaks rank R at step S."""
     if not spec:
         return None
     fault = dict(part.split("=", 1) for part in spec.split(","))
@@ -413,6 +413,8 @@ def _parse_fault(spec, rank):
 def _inject(fault, params):
     if fault["kind"] == "perturb":
         params.values[0] += 1e-3  # this replica now differs from the others
+    elif fault["kind"] == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)  # this rank alone is signalled
     else:
         raise RuntimeError(f"injected fault at step {fault['step']} (PARANET_FAULT)")
 

@@ -25,7 +25,7 @@ SBATCH = REPO / "launch" / "slurm.sbatch"
 TRAIN = ("--dtype", "float64", "--batch-size", "64")
 # Long enough that the job is still training when the test signals it 0.3 s after the header:
 # 1500 steps take 2-4 s at P=2 here (1.3-3 ms a step, srun vs mpiexec).
-LONG_STEPS = 1500
+LONG_STEPS = 2500  # 2-6 s at P=2: still training 0.3 s after the header, even on an idle machine
 
 
 @pytest.fixture(scope="module")
