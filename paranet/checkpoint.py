@@ -4,7 +4,12 @@ Layout:
     /params/<layer>/<param>   one dataset per parameter array (names like "fc1/W")
     /optimizer/<slot>         the optimizer's flat state arrays; attrs: steps, kind
     root attrs                format, epoch, step_in_epoch, global_step, world_size,
-                              seed, flags (JSON), rng (JSON of the trainer's RNG state)
+                              seed, flags (JSON), rng (JSON of the trainer's RNG state),
+                              history (JSON: the per-epoch metrics so far)
+
+The data order is a function of (seed, epoch) alone (paranet.data.reader), so seed, epoch and
+step_in_epoch are the whole data-order state: a resumed run reads exactly the batches that the
+uninterrupted run would have read, at any number of ranks.
 """
 import json
 import os
@@ -57,14 +62,15 @@ def atomic_write_text(path, text):
             tmp.unlink()
 
 
-def save(path, params, optimizer, *, epoch, step_in_epoch, global_step, world_size, seed, flags, rng_state=None):
+def save(path, params, optimizer, *, epoch, step_in_epoch, global_step, world_size, seed, flags, rng_state=None,
+         history=()):
     """Write a checkpoint of ``params`` (a Parameters) and ``optimizer`` to ``path``."""
 
     def write(f):
         f.attrs.update(
             format=FORMAT, epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
             world_size=world_size, seed=seed, flags=json.dumps(flags, sort_keys=True),
-            rng=json.dumps(rng_state or {}), dtype=str(params.dtype),
+            rng=json.dumps(rng_state or {}), history=json.dumps(list(history)), dtype=str(params.dtype),
         )
         for name, var in params.named():
             f.create_dataset(f"params/{name}", data=var.value)
@@ -115,4 +121,5 @@ def load(path, params, optimizer):
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
     attrs["flags"] = json.loads(attrs["flags"])
     attrs["rng"] = json.loads(attrs["rng"])
+    attrs["history"] = json.loads(attrs.get("history", "[]"))
     return attrs

@@ -162,8 +162,8 @@ class Trainer:
         self.args, self.world = args, world
         self.log = print if world.rank == 0 else (lambda *a, **k: None)
         self.dtype = np.dtype(args.dtype)
-        rng = np.random.default_rng(args.seed)
-        self.model = MODELS[args.model](rng)
+        self.rng = np.random.default_rng(args.seed)  # draws the initial weights
+        self.model = MODELS[args.model](self.rng)
         self.session = Session(self.dtype)
         self.params = self.session.parameters(self.model.loss)
         from .distributed import DistributedOptimizer, broadcast_parameters
@@ -245,7 +245,7 @@ class Trainer:
             checkpoint.save(
                 self.args.checkpoint, self.params, self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
                 global_step=self.global_step, world_size=self.world.size, seed=self.args.seed, flags=flags_of(self.args),
-                rng_state={"history": self.history},
+                rng_state=self.rng.bit_generator.state, history=self.history,
             )
         self.world.barrier()
 
@@ -262,7 +262,8 @@ class Trainer:
                 raise checkpoint.CheckpointError(
                     f"{path}: written with --{flag.replace('_', '-')} {saved.get(flag)}, this run has {getattr(self.args, flag)}")
         self.epoch, self.step_in_epoch, self.global_step = attrs["epoch"], attrs["step_in_epoch"], attrs["global_step"]
-        self.history = attrs["rng"].get("history", [])
+        self.history = attrs["history"]
+        self.rng.bit_generator.state = attrs["rng"]
         self.log(f"paranet: resumed from {path} at epoch {self.epoch + 1}, step {self.global_step} "
                  f"(written by {attrs['world_size']} rank{'s' if attrs['world_size'] != 1 else ''})")
 
