@@ -403,6 +403,25 @@ def timed_segment(comm, step, batches, steps):
     return comm.allreduce(t, op=MPI.MAX)
 
 
+def stepwise(comm, timed, steps):
+    """Median seconds of one step of each contender, the contenders alternating step by step.
+
+    Each step's time is the slowest rank's; a step that the OS preempted is an outlier the
+    median ignores, which makes this the steadier figure on a machine shared with other work.
+    """
+    times = {name: np.empty(steps) for name, *_ in timed}
+    comm.Barrier()
+    for i in range(steps):
+        k = i % len(timed)
+        for name, step, data, _ in timed[k:] + timed[:k]:
+            t = _clock()
+            step(*data[i % len(data)])
+            times[name][i] = _clock() - t
+    for name, arr in times.items():
+        comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.MAX)
+    return {name: float(np.median(arr)) for name, arr in times.items()}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench.engine", description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=128, help="global batch, split evenly over the ranks")
@@ -411,6 +430,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=7, help="timed segments of each contender")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--torch", choices=["auto", "off"], default="auto", help="auto: add PyTorch DDP if it imports")
+    p.add_argument("--stepwise", type=int, default=200, help="steps of the step-by-step alternation (0: off)")
     p.add_argument("--profile-steps", type=int, default=50, help="steps of the per-phase breakdown (0: off)")
     p.add_argument("--cprofile", type=int, default=0, metavar="STEPS", help="also cProfile this many engine steps")
     p.add_argument("--check", type=int, default=0, metavar="STEPS",
@@ -496,6 +516,19 @@ def measure(args, world):
     t_compute = args.batch * FLOP_PER_SAMPLE / (world.size * out["gemm_gflops"] * 1e9)
     out["limit_samples_per_s"] = args.batch / (t_compute + t_ar)
     out["limit_compute_ms"], out["limit_comm_ms"] = t_compute * 1e3, t_ar * 1e3
+    if args.stepwise:
+        med = stepwise(comm, [t for t in timed if t[0] != "allreduce"] + [("allreduce", allreduce.step, [()], 0)],
+                       args.stepwise)
+        sw = {"steps": args.stepwise, "median_step_us": {k: v * 1e6 for k, v in med.items()}}
+        for c in contenders:
+            sw[f"{c.name}_samples_per_s"] = args.batch / med[c.name]
+        sw["engine_over_baseline"] = med["baseline"] / med["engine"]
+        if "torch" in med:
+            sw["engine_over_torch"] = med["torch"] / med["engine"]
+        sw["gemm_gflops"] = gemms.flop / med["gemm"] / 1e9
+        t_ar_sw = med["allreduce"] if world.size > 1 else 0.0
+        sw["limit_samples_per_s"] = args.batch / (args.batch * FLOP_PER_SAMPLE / (world.size * sw["gemm_gflops"] * 1e9) + t_ar_sw)
+        out["stepwise"] = sw
     if args.profile_steps:
         out["phases"] = phase_breakdown(contenders[0], contenders[1], batches, args.profile_steps)
     if args.cprofile and world.rank == 0:

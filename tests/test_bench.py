@@ -52,7 +52,7 @@ def test_quick_bench_writes_json(tmp_path):
     assert {(c["ranks"], c["batch"]) for c in res["cases"]} == {(1, 128), (2, 128), (1, 64)}
     for c in res["cases"]:
         for key in ("engine_samples_per_s", "baseline_samples_per_s", "limit_samples_per_s", "gemm_gflops",
-                    "allreduce_us", "phases", "engine_over_baseline_paired"):
+                    "allreduce_us", "phases", "engine_over_baseline_paired", "stepwise"):
             assert key in c, key
         assert c["engine_samples_per_s"] > 0 and c["baseline_samples_per_s"] > 0
         assert (c["allreduce_us"] > 0) == (c["ranks"] > 1)
