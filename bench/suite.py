@@ -4,7 +4,9 @@ Every figure is the MNIST MLP 784-128-10 in float32 with plain SGD, one rank per
 thread per rank, also at P=1 so that P=1 compares like with like), steady-state samples/s with
 warm-up excluded, median of several repeats. Each (ranks, batch) case is one
 ``mpiexec -n P python -m bench.engine`` run in which the contenders alternate segment by
-segment, so a noisy machine slows all of them alike and the ratios hold.
+segment, so a noisy machine slows all of them alike and the ratios hold; then they alternate
+step by step, and the targets are judged on those median step times (a step preempted by
+other work on the machine drops out of a median, for every contender alike).
 
 Targets (PASS/FAIL in the table):
   1. engine >= 0.95 x the hand-written numpy + mpi4py loop, P = 1, 2, 4 and global batch 128, 1024;
