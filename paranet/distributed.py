@@ -125,9 +125,11 @@ class DistributedOptimizer:
         if loss_sum is None:
             loss_sum = float(self.loss.value) * count
         buf, tail, grads = params.grad_storage, params.grad_storage[params.size :], params.grads
-        weight = count if total is None else count / total
-        if weight != 1:
-            grads *= weight
+        distributed = self.world.distributed  # with one rank the local mean is the global mean
+        if distributed:
+            weight = count if total is None else count / total
+            if weight != 1:
+                grads *= weight
         tail[COUNT], tail[LOSS_SUM], tail[CORRECT], tail[STOP] = count, loss_sum, correct, float(stop)
         t0 = _now()
         self.world.allreduce_sum(buf)
@@ -137,7 +139,7 @@ class DistributedOptimizer:
             self.timeline.add("allreduce", t0, t1)
         reduced = float(tail[COUNT])
         if total is None:
-            if reduced not in (0, 1):
+            if distributed and reduced not in (0, 1):
                 grads *= 1.0 / reduced
         elif reduced != total:
             raise RuntimeError(f"ranks disagree on the global batch: {reduced:g} samples reduced, {total} expected")

@@ -98,7 +98,7 @@ class Placeholder(Node):
         self.shape = tuple(shape)
         self.root = self
 
-    def feed(self, value, dtype):
+    def feed(self, value, dtype, check_finite=True):
         """Check a fed array against this placeholder and return it in ``dtype``."""
         arr = np.asarray(value)
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
@@ -111,6 +111,8 @@ class Placeholder(Node):
         # A sum of squares (one BLAS dot) is finite only when every element is, and costs less
         # than isfinite().all(); it can overflow on huge finite values, so a non-finite result is
         # checked element-wise.
+        if not check_finite:
+            return arr
         with np.errstate(over="ignore", invalid="ignore"):
             flat = arr.reshape(-1)
             suspect = arr.size and not np.isfinite(np.vdot(flat, flat))
@@ -255,10 +257,14 @@ class Session:
     Args:
         dtype: the training dtype of parameters and feeds, float32 by default; float64 for
             gradient checks.
+        check_finite: check every feed for NaN and infinity (one pass over the data). A caller
+            whose data is finite by construction, like the trainer reading uint8 images, may
+            turn it off; shapes and dtypes are checked regardless.
     """
 
-    def __init__(self, dtype=DEFAULT_DTYPE):
+    def __init__(self, dtype=DEFAULT_DTYPE, check_finite=True):
         self.dtype = np.dtype(dtype)
+        self.check_finite = check_finite
         if not np.issubdtype(self.dtype, np.floating):
             raise GraphError(f"Session: expected a floating dtype, got {self.dtype}")
         self._plans = {}
@@ -306,7 +312,7 @@ class Session:
                 raise GraphError(
                     f"placeholder '{ph.name}' of shape {_fmt_shape(ph.shape)} is needed but missing from feed_dict"
                 )
-            ph.value = ph.feed(feed_dict[ph], self.dtype)
+            ph.value = ph.feed(feed_dict[ph], self.dtype, self.check_finite)
         for op in plan.ops:
             op.value = op.forward(*[n.value for n in op.last])
 

@@ -364,3 +364,17 @@ def test_error_messages_are_graph_errors_and_value_errors():
     with pytest.raises(GraphError, match=re.escape("placeholder 'x'")):
         xs, _, _, _, out, _ = mlp()
         pn.Session().run(out, {xs: np.zeros((1, 2))})
+
+
+def test_check_finite_off_skips_only_the_nan_pass():
+    """Session(check_finite=False) lets NaN through (the caller vouches for its data) but
+    still checks shapes and dtypes."""
+    x = pn.placeholder((None, 3), name="x")
+    y = pn.square(x)
+    bad = np.array([[1.0, np.nan, 2.0]])
+    with pytest.raises(pn.GraphError, match="finite"):
+        pn.Session().run(y, {x: bad})
+    out = pn.Session(check_finite=False).run(y, {x: bad})
+    assert np.isnan(out[0, 1]) and out[0, 2] == 4.0
+    with pytest.raises(pn.GraphError, match=r"expected shape \(None, 3\)"):
+        pn.Session(check_finite=False).run(y, {x: np.ones((2, 4))})
