@@ -9,9 +9,9 @@ class Relu(Elementwise):
         return np.maximum(x, 0, out=self.out(x))
 
     def backward(self, g, out):
-        # d relu(x) = [x > 0] dx
-        mask = self.buffer("mask", g.shape, bool)
-        np.greater(self.last[0].value, 0, out=mask)
+        # d relu(x) = [x > 0] dx, the mask being sign(relu(x)) in {0, 1}: in the float dtype,
+        # so the product needs no casting buffer
+        mask = np.sign(self.value, out=self.buffer("mask", g.shape, g.dtype))
         np.multiply(g, mask, out=out[0])
 
 

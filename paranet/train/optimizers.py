@@ -5,6 +5,8 @@
 ``torch.optim.Adam``). State lives in flat arrays shaped like ``params.values`` so that it can
 be checkpointed as it is, and a step allocates nothing.
 """
+import math
+
 import numpy as np
 
 
@@ -97,7 +99,7 @@ class AdamOptimizer(Optimizer):
         v += tmp
         # denominator: sqrt(v) / sqrt(1 - beta2^t) + eps, as torch computes it
         np.sqrt(v, out=tmp)
-        tmp /= np.sqrt(1 - self.beta2**t)
+        tmp /= math.sqrt(1 - self.beta2**t)  # a Python float: a numpy float64 would make numpy buffer-cast
         tmp += self.epsilon
         np.divide(m, tmp, out=tmp)
         tmp *= self.learning_rate / (1 - self.beta1**t)
