@@ -94,10 +94,10 @@ def replicas_agree(params, world):
 class DistributedOptimizer:
     """Wraps an optimizer so that its update uses the gradient averaged over all ranks.
 
-    Each rank's gradient is the mean over its own samples, so it is weighted by its sample
-    count before the sum; the count, the loss sum, the number of correct predictions and a
-    stop flag travel in the spare tail of the same buffer. After the Allreduce the gradient
-    is divided by the global count: the exact mean over the global batch, whatever the split.
+    Each rank's gradient is the mean over its own samples, so it is weighted by its share of
+    the global batch before the sum; the count, the loss sum, the number of correct
+    predictions and a stop flag travel in the spare tail of the same buffer. The update then
+    uses the exact mean over the global batch, whatever the split.
     """
 
     def __init__(self, optimizer, world):
@@ -106,17 +106,24 @@ class DistributedOptimizer:
         self.loss = optimizer.loss
         self.comm_seconds = 0.0  # time spent in the Allreduce, for the comm share
         self.timeline = None  # a paranet.timeline.Timeline to record allreduce and update spans on
+        self.grad_scale = 1.0  # params.grads * grad_scale is the mean gradient of the last step
 
     def apply_gradients(self, params, count=None, loss_sum=None, correct=0, stop=False, total=None):
-        """Average ``params.grads`` over ranks, then apply the wrapped optimizer's update.
+        """Sum the ranks' gradients in one Allreduce and apply the wrapped optimizer's update
+        with the exact global mean.
+
+        Rank i holds the mean gradient g_i of its n_i samples; the global mean is
+        sum(n_i g_i) / N. With ``total`` (N) known, each rank weights g_i by n_i P / N, a pass
+        it skips when its share is the even one, N / P; the remaining 1 / P is folded into the
+        update. Without it, g_i is weighted by n_i and the update scaled by 1 / (sum n_i).
+        Afterwards ``params.grads`` holds the weighted sum and ``grad_scale`` the factor that
+        makes it the mean.
 
         Args:
             count: this rank's samples in the step (default: the batch fed to the loss).
             loss_sum, correct: this rank's summed loss and correct predictions, reduced along.
             stop: this rank's request to stop after this step (SIGTERM).
-            total: the global batch's sample count when the caller knows it (the reader
-                does): the gradient is then weighted by count / total before the sum, one
-                pass over the buffer instead of two, none at all with one rank.
+            total: the global batch's sample count N, when the caller knows it (the reader does).
         Returns:
             the global (count, loss_sum, correct, stop) of the step.
         """
@@ -125,11 +132,10 @@ class DistributedOptimizer:
         if loss_sum is None:
             loss_sum = float(self.loss.value) * count
         buf, tail, grads = params.grad_storage, params.grad_storage[params.size :], params.grads
-        distributed = self.world.distributed  # with one rank the local mean is the global mean
-        if distributed:
-            weight = count if total is None else count / total
-            if weight != 1:
-                grads *= weight
+        size = self.world.size
+        weight = count if total is None else count * size / total
+        if size > 1 and weight != 1:
+            grads *= weight
         tail[COUNT], tail[LOSS_SUM], tail[CORRECT], tail[STOP] = count, loss_sum, correct, float(stop)
         t0 = _now()
         self.world.allreduce_sum(buf)
@@ -138,12 +144,13 @@ class DistributedOptimizer:
         if self.timeline is not None:
             self.timeline.add("allreduce", t0, t1)
         reduced = float(tail[COUNT])
-        if total is None:
-            if distributed and reduced not in (0, 1):
-                grads *= 1.0 / reduced
-        elif reduced != total:
+        if total is not None and reduced != total:
             raise RuntimeError(f"ranks disagree on the global batch: {reduced:g} samples reduced, {total} expected")
-        self.optimizer.apply_gradients(params)
+        if size == 1:
+            self.grad_scale = 1.0  # one rank: its mean is the global mean
+        else:
+            self.grad_scale = 1.0 / size if total is not None else 1.0 / max(reduced, 1.0)
+        self.optimizer.apply_gradients(params, self.grad_scale)
         if self.timeline is not None:
             self.timeline.add("update", t1, _now())
         return reduced, float(tail[LOSS_SUM]), float(tail[CORRECT]), bool(tail[STOP] > 0)

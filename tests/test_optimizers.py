@@ -168,3 +168,31 @@ def test_step_allocates_no_new_state_arrays():
     ids = {k: id(v) for k, v in opt.state.items()}
     sess.run(opt, {xs: X, ys: Y})
     assert {k: id(v) for k, v in opt.state.items()} == ids
+
+
+@pytest.mark.parametrize("make", [
+    lambda loss: pn.train.GradientDescentOptimizer(0.1, loss),
+    lambda loss: pn.train.MomentumOptimizer(0.05, loss, momentum=0.9),
+    lambda loss: pn.train.AdamOptimizer(0.01, loss),
+])
+def test_grad_scale_is_the_same_as_scaling_the_gradient(make):
+    """apply_gradients(params, grad_scale=s) on g equals apply_gradients on s * g (what the
+    distributed layer relies on to fold the 1/P of the mean into the update)."""
+    X, Y, W0, b0, _ = problem()
+    runs = []
+    for folded in (False, True):
+        xs, ys, loss = graph(W0, b0)
+        sess = pn.Session(np.float64)
+        opt = make(loss)
+        for _ in range(STEPS):
+            sess.run(loss, {xs: X, ys: Y}, need_grad=True)
+            params = sess.parameters(loss)
+            params.grads *= 4.0  # as if four ranks had summed the same gradient
+            if folded:
+                opt.apply_gradients(params, grad_scale=0.25)
+            else:
+                params.grads *= 0.25
+                opt.apply_gradients(params)
+        runs.append(params.values.copy())
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-13, atol=1e-15)
+    assert not np.allclose(runs[0], np.concatenate([W0.ravel(), b0]))  # it trained

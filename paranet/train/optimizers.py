@@ -28,12 +28,16 @@ class Optimizer:
             arr = self.state[name] = np.zeros_like(params.values)
         return arr
 
-    def apply_gradients(self, params):
-        """Update ``params.values`` from ``params.grads``."""
-        self.steps += 1
-        self.update(params.values, params.grads, params)
+    def apply_gradients(self, params, grad_scale=1.0):
+        """Update ``params.values`` from the gradient ``grad_scale * params.grads``.
 
-    def update(self, w, g, params):
+        ``grad_scale`` lets a caller that holds a sum of gradients (the distributed layer)
+        fold the averaging into the update instead of spending a pass over the buffer on it.
+        """
+        self.steps += 1
+        self.update(params.values, params.grads, params, grad_scale)
+
+    def update(self, w, g, params, scale):
         raise NotImplementedError
 
     def state_dict(self):
@@ -53,9 +57,9 @@ class Optimizer:
 class GradientDescentOptimizer(Optimizer):
     """w -= lr * g."""
 
-    def update(self, w, g, params):
+    def update(self, w, g, params, scale):
         tmp = self.slot("tmp", params)
-        np.multiply(g, self.learning_rate, out=tmp)
+        np.multiply(g, self.learning_rate * scale, out=tmp)
         w -= tmp
 
 
@@ -66,17 +70,19 @@ class MomentumOptimizer(Optimizer):
         super().__init__(learning_rate, loss)
         self.momentum = momentum
 
-    def update(self, w, g, params):
-        buf = self.slot("momentum", params)
+    def update(self, w, g, params, scale):
+        buf, tmp = self.slot("momentum", params), self.slot("tmp", params)
         if self.steps == 1:
-            buf[...] = g
+            np.multiply(g, scale, out=buf)
         else:
             buf *= self.momentum
-            buf += g
-        tmp = self.slot("tmp", params)
+            if scale == 1:
+                buf += g
+            else:
+                np.multiply(g, scale, out=tmp)
+                buf += tmp
         np.multiply(buf, self.learning_rate, out=tmp)
         w -= tmp
-
 
 
 class AdamOptimizer(Optimizer):
@@ -87,15 +93,16 @@ class AdamOptimizer(Optimizer):
         super().__init__(learning_rate, loss)
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
 
-    def update(self, w, g, params):
+    def update(self, w, g, params, scale):
         m, v, tmp = self.slot("m", params), self.slot("v", params), self.slot("tmp", params)
         t = self.steps
+        # m = beta1 m + (1 - beta1) g';  v = beta2 v + (1 - beta2) g'^2, with g' = scale * g
         m *= self.beta1
-        np.multiply(g, 1 - self.beta1, out=tmp)
+        np.multiply(g, (1 - self.beta1) * scale, out=tmp)
         m += tmp
         v *= self.beta2
         np.multiply(g, g, out=tmp)
-        tmp *= 1 - self.beta2
+        tmp *= (1 - self.beta2) * scale * scale
         v += tmp
         # denominator: sqrt(v) / sqrt(1 - beta2^t) + eps, as torch computes it
         np.sqrt(v, out=tmp)
