@@ -4,8 +4,9 @@ Run under ``mpiexec -n P python -m bench.engine --batch B ...`` (``python -m ben
 you). Every rank builds the same 784-128-10 float32 MLP three ways and trains it with plain SGD
 on the same synthetic data:
 
-- ``engine``: ``Session.run(model.loss, feed, need_grad=True)`` then
-  ``DistributedOptimizer(GradientDescentOptimizer).apply_gradients(params, n, loss * n, 0, False)``;
+- ``engine``: ``Session(check_finite=False).run(model.loss, feed, need_grad=True)`` then
+  ``DistributedOptimizer(GradientDescentOptimizer).apply_gradients(params, n, loss * n, 0, False,
+  total=N)``, exactly as the trainer calls them;
 - ``baseline``: a minimal numpy loop, manual backprop into preallocated buffers, one fused
   in-place Allreduce of the gradient sums and the sample count, then ``w -= lr * g``;
 - ``torch``: ``DistributedDataParallel`` over gloo (only where torch imports).
@@ -76,7 +77,8 @@ class Engine:
     def __init__(self, world, lr, seed=0):
         self.world = world
         self.model = mlp(np.random.default_rng(seed))
-        self.session = Session(np.float32)
+        # as the trainer runs it: its uint8-sourced feeds skip the NaN/inf pass
+        self.session = Session(np.float32, check_finite=False)
         self.params = self.session.parameters(self.model.loss)
         self.opt = DistributedOptimizer(GradientDescentOptimizer(lr, self.model.loss), world)
 
@@ -90,7 +92,8 @@ class Engine:
         m = self.model
         n = x.shape[0]
         loss = self.session.run(m.loss, {m.x: x, m.y: y}, need_grad=True)
-        self.opt.apply_gradients(self.params, n, loss * n, 0, False)
+        # as the trainer calls it: the reader tells every rank the global batch size
+        self.opt.apply_gradients(self.params, n, loss * n, 0, False, total=n * self.world.size)
         return loss
 
     def flat(self):

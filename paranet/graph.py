@@ -101,7 +101,7 @@ class Placeholder(Node):
     def feed(self, value, dtype, check_finite=True):
         """Check a fed array against this placeholder and return it in ``dtype``."""
         arr = np.asarray(value)
-        if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        if arr.dtype != dtype and arr.dtype.kind not in "iuf":  # ints, unsigned ints, floats
             raise GraphError(f"placeholder '{self.name}': expected a numeric array, got dtype {arr.dtype}")
         if not shapes_match(self.shape, arr.shape):
             raise GraphError(
@@ -241,14 +241,38 @@ def topological_order(node):
 
 
 class Plan:
-    """What Session.run needs to evaluate one node: its walk order, feeds and parameters."""
+    """What Session.run needs to evaluate one node: its walk order, feeds and parameters.
+
+    Which input of which op receives the first gradient contribution, and which a second one
+    (fan-out), depends only on the walk order, so backward's routing is worked out here once:
+    ``routes`` holds, per op in reverse order, one entry per input: None (no gradient), FIRST
+    (write into the input's own gradient buffer) or FAN_OUT (write into a scratch buffer of the
+    op's, then add it to the input's). An op that nothing downstream of it reaches is left out.
+    """
+
+    FIRST, FAN_OUT = 1, 2
 
     def __init__(self, node):
         self.order = topological_order(node)
         self.placeholders = [n for n in self.order if isinstance(n, Placeholder)]
         self.variables = [n for n in self.order if isinstance(n, Variable) and n.trainable]
         self.ops = [n for n in self.order if not isinstance(n, (Placeholder, Variable))]
-        self.backward_ops = [n for n in reversed(self.ops) if n.requires_grad]
+        self.forward_calls = [(op, op.last) for op in self.ops]
+        reached, self.routes = {id(node)}, []
+        for op in reversed(self.ops):
+            if not op.requires_grad or id(op) not in reached:
+                continue
+            kinds = []
+            for inp in op.last:
+                if not inp.requires_grad:
+                    kinds.append(None)
+                elif id(inp) not in reached:
+                    kinds.append(self.FIRST)
+                    reached.add(id(inp))
+                else:
+                    kinds.append(self.FAN_OUT)
+            self.routes.append((op, kinds))
+        self.unreached = [v for v in self.variables if id(v) not in reached]
 
 
 class Session:
@@ -313,36 +337,28 @@ class Session:
                     f"placeholder '{ph.name}' of shape {_fmt_shape(ph.shape)} is needed but missing from feed_dict"
                 )
             ph.value = ph.feed(feed_dict[ph], self.dtype, self.check_finite)
-        for op in plan.ops:
-            op.value = op.forward(*[n.value for n in op.last])
+        for op, inputs in plan.forward_calls:
+            op.value = op.forward(*[n.value for n in inputs])
 
     def backward(self, plan):
         """Backpropagate from the scalar last node of ``plan`` into the Variables' ``grad``."""
         out_node = plan.order[-1]
         if np.size(out_node.value) != 1:
             raise GraphError(f"{out_node!r}: gradients need a scalar node, got shape {np.shape(out_node.value)}")
-        ready = set()  # nodes whose gradient buffer holds a first contribution this pass
-        seed = out_node.grad_buffer()
-        seed.fill(1)
-        ready.add(id(out_node))
-        for op in plan.backward_ops:
-            if id(op) not in ready:  # nothing downstream of it reached the output
-                continue
-            outs, extra = [], []
-            for slot, inp in enumerate(op.last):
-                if not inp.requires_grad:
-                    outs.append(None)
-                elif id(inp) not in ready:
-                    outs.append(inp.grad_buffer())
-                    ready.add(id(inp))
-                else:  # fan-out: this input already holds another consumer's gradient
-                    like = inp.grad_buffer()
-                    buf = op.buffer(("fan-out", slot), like.shape, like.dtype)
-                    outs.append(buf)
-                    extra.append((inp, buf))
-            op.backward(op.grad_buffer(), outs)
-            for inp, buf in extra:
-                inp.grad_buffer()[...] += buf
-        for v in plan.variables:
-            if id(v) not in ready:
-                v.grad[...] = 0
+        out_node.grad_buffer().fill(1)
+        fan_out = Plan.FAN_OUT
+        for op, kinds in plan.routes:
+            outs = [None if kind is None else inp.grad_buffer() for inp, kind in zip(op.last, kinds)]
+            if fan_out in kinds:  # this input already holds another consumer's gradient
+                total = {}
+                for slot, kind in enumerate(kinds):
+                    if kind == fan_out:
+                        total[slot] = outs[slot]
+                        outs[slot] = op.buffer(("fan-out", slot), outs[slot].shape, outs[slot].dtype)
+                op.backward(op.grad_buffer(), outs)
+                for slot, acc in total.items():
+                    acc += outs[slot]
+            else:
+                op.backward(op.grad_buffer(), outs)
+        for v in plan.unreached:
+            v.grad[...] = 0
