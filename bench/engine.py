@@ -326,7 +326,7 @@ class PhaseTimers:
             self._wrap(ph, "feed", f"feed check '{ph.name}'")
         for op in plan.ops:
             self._wrap(op, "forward", f"fwd {type(op).__name__} '{op.name}'")
-        for op in plan.backward_ops:
+        for op, _ in plan.routes:
             self._wrap(op, "backward", f"bwd {type(op).__name__} '{op.name}'")
         self._wrap(engine.world, "allreduce_sum", "allreduce")
         self._wrap(engine.opt.optimizer, "apply_gradients", "update (inner optimizer)")
