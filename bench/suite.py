@@ -97,7 +97,7 @@ def machine_info(python):
         pass
     probe = ("import json, numpy, threadpoolctl\n"
              "from mpi4py import MPI\n"
-             "print(json.dumps({'numpy': numpy.__version__, 'mpi_library': MPI.Get_library_version().strip().splitlines()[0],"
+             "print(json.dumps({'numpy': numpy.__version__, 'mpi_library': ' '.join(MPI.Get_library_version().strip().splitlines()[0].split()),"
              " 'mpi4py': __import__('mpi4py').__version__,"
              " 'blas': [{k: i.get(k) for k in ('internal_api', 'version', 'architecture', 'num_threads')}"
              " for i in threadpoolctl.threadpool_info()]}))")
