@@ -104,10 +104,12 @@ class AdamOptimizer(Optimizer):
         np.multiply(g, g, out=tmp)
         tmp *= (1 - self.beta2) * scale * scale
         v += tmp
-        # denominator: sqrt(v) / sqrt(1 - beta2^t) + eps, as torch computes it
+        # torch: w -= lr / c1 * m / (sqrt(v) / c2 + eps), c1 = 1 - beta1^t, c2 = sqrt(1 - beta2^t);
+        # the same as w -= (lr c2 / c1) * m / (sqrt(v) + eps c2), one pass over the buffer fewer.
+        # (Python floats throughout: a numpy float64 scalar would make numpy buffer-cast.)
+        c1, c2 = 1 - self.beta1**t, math.sqrt(1 - self.beta2**t)
         np.sqrt(v, out=tmp)
-        tmp /= math.sqrt(1 - self.beta2**t)  # a Python float: a numpy float64 would make numpy buffer-cast
-        tmp += self.epsilon
+        tmp += self.epsilon * c2
         np.divide(m, tmp, out=tmp)
-        tmp *= self.learning_rate / (1 - self.beta1**t)
+        tmp *= self.learning_rate * c2 / c1
         w -= tmp
