@@ -42,11 +42,11 @@ def write_synthetic(path, rows, seed=0, block=60000):
     """Write a valid paranet file of `rows` random training rows, in blocks (bounded memory)."""
     import h5py
     import numpy as np
-    from paranet.data.prepare import CHUNK_ROWS, FORMAT_VERSION, LABEL_CHUNK_ROWS
+    from paranet.data.prepare import FORMAT_VERSION
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
-        im = f.create_dataset("train/images", (rows, 28, 28), np.uint8, chunks=(CHUNK_ROWS, 28, 28))
-        lab = f.create_dataset("train/labels", (rows,), np.uint8, chunks=(LABEL_CHUNK_ROWS,))
+        im = f.create_dataset("train/images", (rows, 28, 28), np.uint8)  # contiguous, as prepare_mnist
+        lab = f.create_dataset("train/labels", (rows,), np.uint8)
         for a in range(0, rows, block):
             b = min(rows, a + block)
             im[a:b] = rng.integers(0, 256, (b - a, 28, 28), np.uint8)

@@ -12,11 +12,10 @@ from .errors import DataError
 from .idx import IDX_NAMES, load_mnist_idx
 
 FORMAT_VERSION = 1
-# Rows per HDF5 chunk of /*/images: 64 x 784 B = 49 KiB. A rank's share of a step
-# (32 rows at batch 128 over 4 ranks, up to 64 at batch 256 over 4) touches one or two
-# chunks, and ~20 chunks fit the default 1 MiB chunk cache.
-CHUNK_ROWS = 64
-LABEL_CHUNK_ROWS = 4096  # 4 KiB of labels per chunk
+# Layout: images and labels are stored contiguous (unchunked, uncompressed). A rank's share
+# of a step is then one run of bytes that HDF5 reads with a single pread straight into the
+# output array: no chunk cache, no copy of neighbouring rows. Measured on MNIST, 32 rows at a
+# random offset: 11 us contiguous against 34-40 us with chunks of 16, 64 or 256 rows.
 SPLITS = ("train", "val", "test")
 # The embedded copy: <repo>/datasets/mnist/, present in a source checkout only.
 EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "datasets" / "mnist"
@@ -91,11 +90,8 @@ def write_h5(out, splits, attrs):
             for name, (images, labels) in splits.items():
                 n = len(images)
                 g = f.create_group(name)
-                # Chunks need at least one row; an empty split is stored contiguous.
-                g.create_dataset("images", data=images, dtype=np.uint8,
-                                 chunks=(min(CHUNK_ROWS, n), 28, 28) if n else None)
-                g.create_dataset("labels", data=labels, dtype=np.uint8,
-                                 chunks=(min(LABEL_CHUNK_ROWS, n),) if n else None)
+                g.create_dataset("images", data=images, dtype=np.uint8)  # contiguous: see above
+                g.create_dataset("labels", data=labels, dtype=np.uint8)
             for key, value in attrs.items():
                 f.attrs[key] = value
             f.attrs["format_version"] = FORMAT_VERSION
@@ -177,7 +173,7 @@ def prepare_mnist(out, source=None, val_size=5000, seed=0, cache_dir=None, mirro
         "train_std": std,
         "source": origin,
         "source_sha256": json.dumps({s["file"]: s["sha256"] for s in sources.values()}, sort_keys=True),
-        "params": json.dumps({"val_size": int(val_size), "seed": int(seed), "chunk_rows": CHUNK_ROWS,
+        "params": json.dumps({"val_size": int(val_size), "seed": int(seed), "layout": "contiguous",
                               "train_order": "shuffled", "val_order": "original",
                               "test_order": "original"}, sort_keys=True),
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
