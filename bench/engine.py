@@ -24,10 +24,10 @@ import socket
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench.bench_data import vm_hwm_kib
 from paranet.distributed import MPI, DistributedOptimizer, World
 from paranet.graph import Session
 from paranet.models import mlp
@@ -39,18 +39,6 @@ FLOP_PER_SAMPLE = 2 * (N_IN * N_HID + N_HID * N_OUT) + 2 * N_IN * N_HID + 2 * 2 
 assert FLOP_PER_SAMPLE == 409088
 JSON_TAG = "BENCH_JSON "
 _clock = time.perf_counter
-
-
-def vm_hwm_kib():
-    """Peak resident set size of this process so far, in KiB (VmHWM from /proc/self/status)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def make_batches(n_local, count, seed):

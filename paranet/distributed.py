@@ -13,7 +13,6 @@ import time
 import warnings
 from time import perf_counter as _now
 
-import numpy as np
 
 try:
     from mpi4py import MPI

@@ -1,7 +1,6 @@
 """Tests of the MNIST download against an HTTP server on 127.0.0.1: md5 check, next mirror, cache, bar."""
 import hashlib
 import http.server
-import shutil
 import threading
 from pathlib import Path
 

@@ -88,7 +88,6 @@ def write_h5(out, splits, attrs):
     try:
         with h5py.File(tmp, "w") as f:
             for name, (images, labels) in splits.items():
-                n = len(images)
                 g = f.create_group(name)
                 g.create_dataset("images", data=images, dtype=np.uint8)  # contiguous: see above
                 g.create_dataset("labels", data=labels, dtype=np.uint8)
