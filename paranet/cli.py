@@ -438,6 +438,8 @@ def prepare_data(args, world):
     if world.rank == 0:
         try:
             if args.data is None:
+                if not default_data_path().exists():
+                    print(f"paranet: first use: building {default_data_path()} from the embedded MNIST", flush=True)
                 args.data = ensure_default_dataset()
             BatchReader(args.data, "train", rank=0, size=world.size, batch_size=args.batch_size, prefetch=False).close()
         except DataError as e:
