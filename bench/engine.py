@@ -482,13 +482,18 @@ def measure(args, world):
     for name, step, data, _ in timed:  # warm-up: allocations, BLAS, DDP buckets, MPI connections
         timed_segment(comm, step, data, args.warmup)
     seconds = {name: [] for name, *_ in timed}
+    engine = contenders[0]
+    engine.opt.comm_seconds = 0.0  # from here on: the engine's time inside the Allreduce
     for r in range(args.repeats):
         k = r % len(timed)
         for name, step, data, steps in timed[k:] + timed[:k]:  # rotate: no contender always goes first
             seconds[name].append(timed_segment(comm, step, data, steps))
+    # the communication share as the trainer reports it: time in the Allreduce call (waiting for
+    # the slower rank included) over the engine's training time, the largest over the ranks
+    comm_share = comm.allreduce(engine.opt.comm_seconds / sum(seconds["engine"]), op=MPI.MAX)
     out = {"ranks": world.size, "batch": args.batch, "local_batch": n_local, "steps": args.steps,
            "warmup": args.warmup, "repeats": args.repeats, "mpi_library": world.library,
-           "contenders": [c.name for c in contenders], "seconds": seconds}
+           "contenders": [c.name for c in contenders], "seconds": seconds, "engine_comm_share": comm_share}
     for c in contenders:
         sps = [args.batch * args.steps / t for t in seconds[c.name]]
         out[f"{c.name}_samples_per_s"] = statistics.median(sps)

@@ -253,11 +253,13 @@ def print_report(results, args):
     for kind, rows in results["scaling"].items():
         print(f"\nscaling, {kind}: samples/s vs P")
         impls = [k for k in ("engine", "baseline", "torch", "limit") if any(k in r for r in rows)]
-        print(f"{'P':>2} {'batch':>6} " + " ".join(f"{k:>11}" for k in impls) + f" {'engine speed-up':>16}")
+        print(f"{'P':>2} {'batch':>6} " + " ".join(f"{k:>11}" for k in impls) + f" {'engine speed-up':>16}"
+              f" {'engine comm share':>18}")
         base = rows[0].get("engine") if rows else None
         for r in rows:
+            share = r.get("engine_comm_share")
             print(f"{r['ranks']:>2} {r['batch']:>6} " + " ".join(f"{_f(r.get(k)):>11}" for k in impls)
-                  + f" {_f(base and r['engine'] / base, '{:.2f}x'):>16}")
+                  + f" {_f(base and r['engine'] / base, '{:.2f}x'):>16} {_f(share and 100 * share, '{:.1f}%'):>18}")
 
     print("\nwhere a step's time goes, µs per step (rank 0; engine methods wrapped with timers):")
     for c in results["cases"]:
@@ -334,7 +336,8 @@ def plot(results, path):
 def scaling_tables(cases, args):
     def row(c):
         r = {"ranks": c["ranks"], "batch": c["batch"], "engine": c["engine_samples_per_s"],
-             "baseline": c["baseline_samples_per_s"], "limit": c["limit_samples_per_s"]}
+             "baseline": c["baseline_samples_per_s"], "limit": c["limit_samples_per_s"],
+             "engine_comm_share": c.get("engine_comm_share")}
         if "torch_samples_per_s" in c:
             r["torch"] = c["torch_samples_per_s"]
         return r
