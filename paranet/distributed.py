@@ -170,6 +170,9 @@ def install_abort_hook(world, quiet=()):
         return
 
     def hook(kind, value, tb):
+        if issubclass(kind, KeyboardInterrupt):  # Ctrl-C reaches every rank: one short line each
+            print(f"paranet: rank {world.rank}: interrupted", file=sys.stderr, flush=True)
+            world.abort(130)
         if issubclass(kind, quiet):
             print(f"paranet: rank {world.rank}: error: {value}", file=sys.stderr, flush=True)
         else:
