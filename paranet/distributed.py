@@ -2,17 +2,17 @@
 
 ``World`` wraps COMM_WORLD (or a single process when mpi4py is missing or there is one rank).
 ``DistributedOptimizer`` wraps any optimizer: after backward, one in-place Allreduce over the
-flat gradient buffer makes every rank's gradient the exact mean over all samples of the global
-batch, and every rank then applies the same update. ``install_abort_hook`` makes an uncaught
+flat gradient buffer sums the ranks' gradients, weighted so that the wrapped optimizer's update
+uses the exact mean over all samples of the global batch, and every rank applies that same
+update. ``install_abort_hook`` makes an uncaught
 exception on one rank end the whole job instead of leaving the others waiting in a collective.
 """
 import os
 import sys
-import traceback
 import time
+import traceback
 import warnings
 from time import perf_counter as _now
-
 
 try:
     from mpi4py import MPI
@@ -41,8 +41,11 @@ class World:
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.library = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
-        # ranks sharing this machine (they share its cores)
-        self.local_size = self.comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size() if self.size > 1 else 1
+        self.local_size = 1  # ranks sharing this machine, and so its cores
+        if self.size > 1:
+            node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+            self.local_size = node.Get_size()
+            node.Free()
 
     @property
     def distributed(self):
