@@ -12,11 +12,12 @@ step_in_epoch are the whole data-order state: a resumed run reads exactly the ba
 uninterrupted run would have read, at any number of ranks.
 """
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from .files import atomic_path
 
 FORMAT = "paranet-checkpoint/1"
 
@@ -26,40 +27,16 @@ class CheckpointError(ValueError):
 
 
 def atomic_h5(path, write):
-    """Call ``write(h5file)`` on a temporary file beside ``path``, fsync it, then rename it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """Call ``write(h5file)`` on a temporary file beside ``path``, then put it in place atomically."""
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             write(f)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def save(path, params, optimizer, *, epoch, step_in_epoch, global_step, world_size, seed, flags, rng_state=None,

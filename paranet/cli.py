@@ -17,6 +17,7 @@ import numpy as np
 
 from . import checkpoint
 from .data import BatchReader, DataError, default_data_path, ensure_default_dataset
+from .files import atomic_path
 from .graph import GraphError, Session
 from .models import MODELS
 from .timeline import NoTimeline, Timeline, write_trace
@@ -148,11 +149,8 @@ def write_json_atomic(path, obj):
 
 
 def save_params_npz(path, params):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **{name: var.value for name, var in params.named()})
-    os.replace(tmp, path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **{name: var.value for name, var in params.named()})
 
 
 class Trainer:
@@ -396,11 +394,9 @@ def plot_curves(path, history):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _parse_fault(spec, rank):

@@ -1,13 +1,13 @@
 """Convert MNIST IDX files into paranet's HDF5 layout, atomically; default paths for the file."""
 import datetime
 import json
-import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .download import download_mnist
+from ..files import atomic_path
 from .errors import DataError
 from .idx import IDX_NAMES, load_mnist_idx
 
@@ -61,20 +61,6 @@ def ensure_default_dataset(path=None):
     return prepare_mnist(path)
 
 
-def _fsync_dir(folder):
-    """fsync a directory so a rename in it is durable (no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_h5(out, splits, attrs):
     """Write splits {name: (images (N, 28, 28) uint8, labels (N,) uint8)} to out, atomically.
 
@@ -83,9 +69,7 @@ def write_h5(out, splits, attrs):
     interrupted run does not pass the reader's checks. Returns out (Path).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    try:
+    with atomic_path(out) as tmp:
         with h5py.File(tmp, "w") as f:
             for name, (images, labels) in splits.items():
                 g = f.create_group(name)
@@ -94,12 +78,6 @@ def write_h5(out, splits, attrs):
             for key, value in attrs.items():
                 f.attrs[key] = value
             f.attrs["format_version"] = FORMAT_VERSION
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
