@@ -207,7 +207,7 @@ class Trainer:
                 self.session.forward(plan, {m.x: m.input(batch.x), m.y: batch.y})
             with tl.span("backward"):
                 self.session.backward(plan)
-            correct = int(np.count_nonzero(m.probs.value.argmax(axis=1) == batch.y.argmax(axis=1)))
+            correct = _correct(m.probs.value, batch.y)
             loss_sum = float(m.loss.value) * batch.n_local
         else:  # a final tiny batch left this rank without samples: it contributes nothing
             params.grads[...] = 0
@@ -234,7 +234,7 @@ class Trainer:
         for batch in reader.epoch(0):
             if batch.n_local:
                 loss = self.session.run(m.loss, {m.x: m.input(batch.x), m.y: batch.y})
-                sums += (loss * batch.n_local, np.count_nonzero(m.probs.value.argmax(1) == batch.y.argmax(1)), batch.n_local)
+                sums += (loss * batch.n_local, _correct(m.probs.value, batch.y), batch.n_local)
         self.world.allreduce_sum(sums)
         return sums[0] / sums[2], sums[1] / sums[2]
 
@@ -373,6 +373,11 @@ class Trainer:
     def _close_bar(bar):
         if bar is not None:
             bar.close()
+
+
+def _correct(probs, one_hot):
+    """How many rows of ``probs`` put their maximum on the labelled class."""
+    return int(np.count_nonzero(probs.argmax(axis=1) == one_hot.argmax(axis=1)))
 
 
 def plot_curves(path, history):

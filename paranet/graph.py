@@ -53,7 +53,6 @@ class Node:
         self.root = next((n.root for n in inputs if n.root is not None), None)
         self.requires_grad = any(n.requires_grad for n in inputs)
         self.shape = None  # static shape; None entries are sizes known only at run time
-        self._grad = None  # gradient buffer of this node, reused from step to step
         self._buffers = {}  # work arrays reused from step to step (see buffer())
 
     def __repr__(self):
@@ -72,11 +71,10 @@ class Node:
         raise NotImplementedError(f"{type(self).__name__} has no gradient")
 
     def grad_buffer(self):
-        """The array this node's gradient is accumulated in during backward."""
+        """The array this node's gradient is accumulated in during backward (C order, so that
+        ops may reshape it in place), shaped like its value."""
         value = np.asarray(self.value)
-        if self._grad is None or self._grad.shape != value.shape or self._grad.dtype != value.dtype:
-            self._grad = np.empty(value.shape, value.dtype)  # C order: ops may reshape it in place
-        return self._grad
+        return self.buffer("grad", value.shape, value.dtype)
 
     def buffer(self, key, shape, dtype):
         """A work array kept on the node under ``key``, reallocated only when shape or dtype change.
