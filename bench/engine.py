@@ -6,7 +6,10 @@ on the same synthetic data:
 
 - ``engine``: ``Session(check_finite=False).run(model.loss, feed, need_grad=True)`` then
   ``DistributedOptimizer(GradientDescentOptimizer).apply_gradients(params, n, loss * n, 0, False,
-  total=N)``, exactly as the trainer calls them;
+  total=N)``, exactly as the trainer calls them, with the trainer's default ``--allreduce auto``
+  (the shared-memory sum when several ranks share the machine);
+- ``engine_mpi``: the same, its gradients summed by MPI_Allreduce like the baseline's, so that
+  engine_mpi / baseline is the engine's own overhead (only where ``engine`` uses shared memory);
 - ``baseline``: a minimal numpy loop, manual backprop into preallocated buffers, one fused
   in-place Allreduce of the gradient sums and the sample count, then ``w -= lr * g``;
 - ``torch``: ``DistributedDataParallel`` over gloo (only where torch imports).
@@ -28,7 +31,7 @@ import time
 import numpy as np
 
 from bench.bench_data import vm_hwm_kib
-from paranet.distributed import MPI, DistributedOptimizer, World
+from paranet.distributed import MPI, DistributedOptimizer, SharedMemoryAllreduce, World
 from paranet.graph import Session
 from paranet.models import mlp
 from paranet.train import GradientDescentOptimizer
@@ -60,10 +63,8 @@ def make_batches(n_local, count, seed):
 class Engine:
     """paranet's path: Session.run with need_grad, then the distributed SGD update."""
 
-    name = "engine"
-
-    def __init__(self, world, lr, seed=0):
-        self.world = world
+    def __init__(self, world, lr, seed=0, name="engine"):
+        self.world, self.name = world, name
         self.model = mlp(np.random.default_rng(seed))
         # as the trainer runs it: its uint8-sourced feeds skip the NaN/inf pass
         self.session = Session(np.float32, check_finite=False)
@@ -295,6 +296,16 @@ class AllreduceOnly:
             self.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
 
 
+class ShmAllreduceOnly:
+    """The same sum through paranet's SharedMemoryAllreduce (where every machine has > 1 rank)."""
+
+    def __init__(self, comm, n):
+        self.shm = SharedMemoryAllreduce(comm, n, np.float32)
+
+    def step(self, *_):
+        self.shm.allreduce()
+
+
 # -- the per-phase breakdown of the engine path -------------------------------------------------
 
 class PhaseTimers:
@@ -439,6 +450,8 @@ def build(args, world):
     engine = Engine(world, args.lr)
     values = engine.initial_values()
     contenders = [engine, Baseline(values, n_local, args.lr, comm)]
+    if world.allreduce == "shm":  # the engine's own overhead, measured with the baseline's reduction
+        contenders.append(Engine(World(comm, allreduce="mpi"), args.lr, name="engine_mpi"))
     torch_batches = None
     if args.torch == "auto" and torch_available():
         t = TorchDDP(values, args.lr, comm)
@@ -473,12 +486,15 @@ def check(args, world):
 def measure(args, world):
     comm, n_local, batches, torch_batches, contenders = build(args, world)
     gemms = Gemms(n_local)
-    allreduce = AllreduceOnly(comm, contenders[0].params.grad_storage.size)
+    n_grad = contenders[0].params.grad_storage.size
+    allreduce = AllreduceOnly(comm, n_grad)
     timed = [(c.name, c.step, torch_batches if c.name == "torch" else [b[:2] for b in batches], args.steps)
              for c in contenders]
     timed.append(("gemm", gemms.step, [()], args.steps))
     ar_calls = max(50, args.steps)
     timed.append(("allreduce", allreduce.step, [()], ar_calls))
+    if world.allreduce == "shm":
+        timed.append(("shm_allreduce", ShmAllreduceOnly(comm, n_grad).step, [()], ar_calls))
     for name, step, data, _ in timed:  # warm-up: allocations, BLAS, DDP buckets, MPI connections
         timed_segment(comm, step, data, args.warmup)
     seconds = {name: [] for name, *_ in timed}
@@ -500,6 +516,8 @@ def measure(args, world):
         out[f"{c.name}_samples_per_s_all"] = sps
     # paired ratios (same repeat, adjacent in time): their spread says how noisy the run was
     out["engine_over_baseline_paired"] = [b / e for e, b in zip(seconds["engine"], seconds["baseline"])]
+    if "engine_mpi" in seconds:
+        out["engine_mpi_over_baseline_paired"] = [b / e for e, b in zip(seconds["engine_mpi"], seconds["baseline"])]
     if "torch" in seconds:
         out["engine_over_torch_paired"] = [t / e for e, t in zip(seconds["engine"], seconds["torch"])]
     # the limit: GEMM rate of one core at the local shapes, while every rank runs them at once
@@ -509,12 +527,15 @@ def measure(args, world):
     t_ar = statistics.median(t / ar_calls for t in seconds["allreduce"]) if world.size > 1 else 0.0
     out["allreduce_bytes"] = allreduce.buf.nbytes
     out["allreduce_us"] = t_ar * 1e6
+    if "shm_allreduce" in seconds:  # the limit takes the faster of the two ways to sum the buffer
+        t_shm = statistics.median(t / ar_calls for t in seconds["shm_allreduce"])
+        out["shm_allreduce_us"] = t_shm * 1e6
+        t_ar = min(t_ar, t_shm)
     t_compute = args.batch * FLOP_PER_SAMPLE / (world.size * out["gemm_gflops"] * 1e9)
     out["limit_samples_per_s"] = args.batch / (t_compute + t_ar)
     out["limit_compute_ms"], out["limit_comm_ms"] = t_compute * 1e3, t_ar * 1e3
     if args.stepwise:
-        med = stepwise(comm, [t for t in timed if t[0] != "allreduce"] + [("allreduce", allreduce.step, [()], 0)],
-                       args.stepwise)
+        med = stepwise(comm, timed, args.stepwise)
         sw = {"steps": args.stepwise, "median_step_us": {k: v * 1e6 for k, v in med.items()}}
         for c in contenders:
             sw[f"{c.name}_samples_per_s"] = args.batch / med[c.name]
@@ -522,7 +543,7 @@ def measure(args, world):
         if "torch" in med:
             sw["engine_over_torch"] = med["torch"] / med["engine"]
         sw["gemm_gflops"] = gemms.flop / med["gemm"] / 1e9
-        t_ar_sw = med["allreduce"] if world.size > 1 else 0.0
+        t_ar_sw = min(med["allreduce"], med.get("shm_allreduce", np.inf)) if world.size > 1 else 0.0
         sw["limit_samples_per_s"] = args.batch / (args.batch * FLOP_PER_SAMPLE / (world.size * sw["gemm_gflops"] * 1e9) + t_ar_sw)
         out["stepwise"] = sw
     if args.profile_steps:

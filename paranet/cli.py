@@ -93,6 +93,9 @@ def build_parser():
     p.add_argument("--timeline-steps", type=int, default=200, help="steps recorded by --timeline")
     p.add_argument("--plot", type=Path, default=None, metavar="CURVES.png",
                    help="draw loss and accuracy curves per epoch (needs matplotlib)")
+    p.add_argument("--allreduce", choices=["auto", "shm", "mpi"], default="auto",
+                   help="how the ranks sum gradients: shm through memory shared by the ranks of each machine, "
+                        "mpi by MPI_Allreduce, auto shm when every machine runs the same number (> 1) of ranks")
     p.add_argument("--eval-batch-size", type=int, default=1000, help="global batch for validation and test")
     return p
 
@@ -455,7 +458,12 @@ def main(argv=None):
     args = parse_args(argv)
     from .distributed import World, install_abort_hook
 
-    world = World()
+    try:
+        world = World(allreduce=args.allreduce)
+    except ValueError as e:  # --allreduce shm where it cannot work: every rank knows, rank 0 says it
+        if _env_rank() in (None, 0):
+            print(f"paranet: error: {e}", file=sys.stderr, flush=True)
+        return 2
     install_abort_hook(world, quiet=(DataError, GraphError, checkpoint.CheckpointError))
     _limit_blas_threads(world)
     try:
@@ -466,7 +474,7 @@ def main(argv=None):
         trainer.open_readers(data)
         r = trainer.train_reader
         trainer.log(
-            f"paranet: world size {world.size}, {world.library}\n"
+            f"paranet: world size {world.size}, {world.library}; {world.describe_allreduce()}\n"
             f"  data   {data} ({r.num_samples:,} train, {trainer.val_reader.num_samples:,} val, "
             f"{trainer.test_reader.num_samples:,} test)\n"
             f"  model  {args.model}, {trainer.params.size:,} parameters, {args.dtype}\n"

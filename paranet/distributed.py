@@ -4,15 +4,19 @@
 ``DistributedOptimizer`` wraps any optimizer: after backward, one in-place Allreduce over the
 flat gradient buffer sums the ranks' gradients, weighted so that the wrapped optimizer's update
 uses the exact mean over all samples of the global batch, and every rank applies that same
-update. ``install_abort_hook`` makes an uncaught
-exception on one rank end the whole job instead of leaving the others waiting in a collective.
+update. ``SharedMemoryAllreduce`` is the faster way to do that sum when several ranks share a
+machine (``--allreduce``). ``install_abort_hook`` makes an uncaught exception on one rank end the
+whole job instead of leaving the others waiting in a collective.
 """
+import atexit
 import os
 import sys
 import time
 import traceback
 import warnings
 from time import perf_counter as _now
+
+import numpy as np
 
 try:
     from mpi4py import MPI
@@ -23,13 +27,23 @@ _warned_no_mpi = False
 
 # Slots of Parameters.grad_storage's tail that ride along in the gradient Allreduce.
 COUNT, LOSS_SUM, CORRECT, STOP = 0, 1, 2, 3
+# How the gradients are summed (World's ``allreduce``, the trainer's --allreduce).
+ALLREDUCE_CHOICES = ("auto", "shm", "mpi")
 
 
 class World:
     """Rank, size and the collectives the trainer needs, with or without MPI."""
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, allreduce="auto"):
+        """``allreduce``: how ``shared_buffer``'s buffers are summed: "shm" through memory shared
+        by the ranks of each machine (``SharedMemoryAllreduce``), "mpi" by MPI_Allreduce, "auto"
+        shm where every machine runs the same number (> 1) of ranks, else mpi."""
         global _warned_no_mpi
+        if allreduce not in ALLREDUCE_CHOICES:
+            raise ValueError(f"allreduce: expected one of {', '.join(ALLREDUCE_CHOICES)}, got {allreduce!r}")
+        self._shm = None
+        self.allreduce = "mpi"
+        self.nodes = 1
         if MPI is None:
             if not _warned_no_mpi:
                 warnings.warn("mpi4py is not installed: running single-process", stacklevel=2)
@@ -46,16 +60,55 @@ class World:
             node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
             self.local_size = node.Get_size()
             node.Free()
+            sizes = set(self.comm.allgather(self.local_size))
+            self.nodes = self.size // self.local_size if len(sizes) == 1 else None
+            even = len(sizes) == 1 and self.local_size > 1
+            if allreduce == "shm" and not even:
+                raise ValueError(f"--allreduce shm needs the same number (> 1) of ranks on every machine; "
+                                 f"ranks per machine here: {sorted(sizes)}")
+            self.allreduce = "shm" if allreduce == "shm" or (allreduce == "auto" and even) else "mpi"
 
     @property
     def distributed(self):
         return self.size > 1
 
     def allreduce_sum(self, buf):
-        """Sum ``buf`` in place over all ranks; the one place gradients are reduced."""
+        """Sum ``buf`` in place over all ranks; the one place gradients are reduced.
+
+        A buffer that ``shared_buffer`` handed out is summed through shared memory, any other
+        by MPI_Allreduce.
+        """
         if self.distributed:
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            if self._shm is not None and buf is self._shm.buffer:
+                self._shm.allreduce()
+            else:
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         return buf
+
+    def shared_buffer(self, like):
+        """A zeroed buffer of ``like``'s shape and dtype for repeated ``allreduce_sum`` calls
+        (the gradients): in memory shared by the ranks of each machine when ``allreduce`` is
+        "shm" (the first buffer asked for), else a plain array. Collective: every rank calls it."""
+        like = np.asarray(like)
+        if self.allreduce != "shm" or self._shm is not None:  # a world shares one buffer; others go by MPI
+            return np.zeros_like(like)
+        self._shm = SharedMemoryAllreduce(self.comm, like.size, like.dtype)
+        return self._shm.buffer
+
+    def describe_allreduce(self):
+        """One line for the log: how gradients are summed."""
+        if not self.distributed:
+            return "one process: nothing to reduce"
+        if self.allreduce == "shm":
+            where = f"{self.nodes} machines x {self.local_size} ranks" if self.nodes > 1 else f"{self.local_size} ranks on one machine"
+            return f"gradients summed in shared memory ({where})"
+        return "gradients summed by MPI_Allreduce"
+
+    def close(self):
+        """Free the shared buffer (collective); safe to call more than once."""
+        if self._shm is not None:
+            self._shm.close()
+            self._shm = None
 
     def broadcast(self, buf, root=0):
         """Overwrite ``buf`` on every rank with root's ``buf``."""
@@ -78,6 +131,103 @@ class World:
         if self.distributed:
             self.comm.Abort(code)
         os._exit(code)
+
+
+class SharedMemoryAllreduce:
+    """An in-place sum over all ranks of one fixed buffer, through MPI-3 shared memory.
+
+    The ranks of a machine allocate two windows with MPI_Win_allocate_shared, each contiguous
+    across the ranks (the MPI standard's default), so that every rank sees them as arrays:
+    ``grads``, one row per local rank, and ``summed``, the summed vector cut into one slice
+    per local rank. ``buffer`` is this rank's row: the trainer's gradients live there.
+    ``allreduce()``:
+
+    1. barrier: every local rank has written its row;
+    2. reduce-scatter: local rank i adds up its slice of the columns of ``grads``, rows in
+       rank order, into its slice of ``summed`` (one numpy call, reading the peers' memory
+       directly); with several machines, the ranks owning the same slice on each machine then
+       MPI_Allreduce that slice among themselves (one rank a machine);
+    3. barrier: every slice is summed;
+    4. allgather: each rank copies ``summed`` into its row.
+
+    Each rank reads about twice the buffer and writes it about once, with two barriers and
+    two numpy calls, where MPI_Allreduce's point-to-point rounds copy the data through MPI's
+    buffers several times. Every rank copies the same sums, so the replicas get the same
+    bits. No step can race with a slower peer's: the rows are read only between the barriers
+    of 1 and 3, and ``summed`` only after 3 and before the next step's barrier 1.
+    """
+
+    ALIGN = 64  # bytes: rows and slices start on their own cache line
+
+    def __init__(self, comm, size, dtype, node_comm=None):
+        """``node_comm``: the ranks sharing memory (default: split ``comm`` by machine; tests
+        pass a smaller split to act out several machines on one)."""
+        self.dtype, self.size = np.dtype(dtype), int(size)
+        self.node = node_comm if node_comm is not None else comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self._own_node = node_comm is None
+        rank, local = self.node.Get_rank(), self.node.Get_size()
+        sizes = sorted(set(comm.allgather(local)))
+        if len(sizes) > 1:  # slice i must be the same columns on every machine
+            raise ValueError(f"shared-memory allreduce needs the same number of ranks on every machine, got {sizes}")
+        item = self.dtype.itemsize
+        unit = max(1, self.ALIGN // item)
+        row = -(-max(self.size, 1) // unit) * unit  # a row's length, padded to whole cache lines
+        piece = -(-row // (local * unit)) * unit  # one local rank's slice of the columns
+        self._wins = [MPI.Win.Allocate_shared(row * item, item, comm=self.node),
+                      MPI.Win.Allocate_shared(piece * item, item, comm=self.node)]
+        for w in self._wins:
+            w.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch: Sync() orders the plain loads and stores
+        grads = self._contiguous(self._wins[0], local, row).reshape(local, row)
+        summed = self._contiguous(self._wins[1], local, piece)
+        self.buffer = grads[rank, : self.size]
+        self.buffer[...] = 0  # first touch: this row's pages on this rank's memory node
+        lo, hi = min(rank * piece, self.size), min((rank + 1) * piece, self.size)
+        self._columns, self._mine = grads[:, lo:hi], summed[lo:hi]
+        self._summed = summed[: self.size]
+        # several machines: one rank per machine owns each slice; they Allreduce it among themselves
+        self.cross = comm.Split(rank, comm.Get_rank()) if comm.Get_size() > local else None
+        self.node.Barrier()
+        atexit.register(self.close)
+
+    def _contiguous(self, win, local, count):
+        """All ranks' segments of ``win`` as one array (they must abut, as MPI allocates them)."""
+        base = np.frombuffer(win.Shared_query(0)[0], self.dtype).ctypes.data
+        step = count * self.dtype.itemsize
+        for j in range(1, local):
+            at = np.frombuffer(win.Shared_query(j)[0], self.dtype).ctypes.data
+            if at != base + j * step:
+                raise RuntimeError(f"shared window: segment of local rank {j} at {at:#x}, expected {base + j * step:#x}")
+        memory = getattr(MPI, "buffer", None) or MPI.memory  # mpi4py 4 / 3
+        return np.frombuffer(memory.fromaddress(base, local * step), self.dtype)
+
+    def allreduce(self):
+        """Sum ``buffer`` over all ranks, in place."""
+        w_grads, w_summed = self._wins
+        w_grads.Sync()  # this rank's stores to its row are visible...
+        self.node.Barrier()  # ...and every peer's are done
+        w_grads.Sync()
+        np.sum(self._columns, axis=0, out=self._mine)
+        if self.cross is not None:
+            self.cross.Allreduce(MPI.IN_PLACE, self._mine, op=MPI.SUM)
+        w_summed.Sync()
+        self.node.Barrier()
+        w_summed.Sync()
+        np.copyto(self.buffer, self._summed)
+        return self.buffer
+
+    def close(self):
+        """Free the windows and communicators (collective); safe to call more than once."""
+        if not self._wins:
+            return
+        self.buffer = self._columns = self._mine = self._summed = None
+        for w in self._wins:
+            w.Unlock_all()
+            w.Free()
+        self._wins = []
+        if self.cross is not None:
+            self.cross.Free()
+        if self._own_node:
+            self.node.Free()
 
 
 def broadcast_parameters(params, world, root=0):
@@ -109,6 +259,7 @@ class DistributedOptimizer:
         self.comm_seconds = 0.0  # time spent in the Allreduce, for the comm share
         self.timeline = None  # a paranet.timeline.Timeline to record allreduce and update spans on
         self.grad_scale = 1.0  # params.grads * grad_scale is the mean gradient of the last step
+        self._params = None  # the Parameters whose gradient storage the world reduces
 
     def apply_gradients(self, params, count=None, loss_sum=None, correct=0, stop=False, total=None):
         """Sum the ranks' gradients in one Allreduce and apply the wrapped optimizer's update
@@ -133,6 +284,9 @@ class DistributedOptimizer:
             count = self.loss.root.value.shape[0]
         if loss_sum is None:
             loss_sum = float(self.loss.value) * count
+        if params is not self._params:  # first step: the gradients move to the buffer the world reduces
+            params.use_grad_storage(self.world.shared_buffer(params.grad_storage))
+            self._params = params
         buf, tail, grads = params.grad_storage, params.grad_storage[params.size :], params.grads
         size = self.world.size
         weight = count if total is None else count * size / total

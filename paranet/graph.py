@@ -202,6 +202,19 @@ class Parameters:
     def size(self):
         return self.values.size
 
+    def use_grad_storage(self, storage):
+        """Move the gradients (and the tail) into ``storage``, e.g. a buffer in memory shared
+        between ranks, and point every Variable's ``grad`` at it; returns ``storage``."""
+        storage = np.asarray(storage)
+        if storage.shape != self.grad_storage.shape or storage.dtype != self.dtype:
+            raise GraphError(f"gradient storage: expected shape {_fmt_shape(self.grad_storage.shape)} {self.dtype}, "
+                             f"got {_fmt_shape(storage.shape)} {storage.dtype}")
+        storage[...] = self.grad_storage
+        self.grad_storage, self.grads = storage, storage[: self.size]
+        for i, v in enumerate(self.variables):
+            v.grad = self.grads[self.offsets[i] : self.offsets[i + 1]].reshape(v.shape)
+        return storage
+
     def named(self):
         """(name, Variable) pairs in buffer order."""
         return [(v.name, v) for v in self.variables]
