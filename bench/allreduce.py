@@ -1,7 +1,8 @@
 """``mpiexec -n P python -m bench.allreduce``: MPI_Allreduce against paranet's shared-memory sum.
 
-Both sum the same float32 buffer (default: the MLP's gradients and tail, 101,774 values) in
-place, alternating in blocks, every rank rewriting its buffer before each call as backward
+Both sum the same float32 buffer (default: the MLP's gradients and tail, 101,774 values),
+MPI in place, the shared-memory sum into shared memory where the trainer reads it; they
+alternate in blocks, every rank rewriting its buffer before each call as backward
 does. First both are checked against a sum of every rank's buffer computed in rank order with
 numpy (the shared-memory sum must match it bit for bit). Rank 0 prints one line per size, and
 a ``BENCH_JSON`` line.
@@ -26,12 +27,12 @@ def check(comm, shm, n, rng):
     for y in comm.allgather(x):
         ref += y
     shm.buffer[...] = x
-    shm.allreduce()
+    total = shm.allreduce()
     buf = x.copy()
     comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-    if not np.array_equal(shm.buffer, ref):
+    if not np.array_equal(total, ref):
         raise SystemExit(f"bench.allreduce: rank {comm.rank}: shared-memory sum differs from numpy's by "
-                         f"{np.abs(shm.buffer - ref).max():g}")
+                         f"{np.abs(total - ref).max():g}")
     return float(np.abs(buf - ref).max())
 
 

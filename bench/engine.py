@@ -286,23 +286,27 @@ class Gemms:
 
 
 class AllreduceOnly:
-    """One in-place Allreduce of a buffer the size of the engine's gradient storage."""
+    """One in-place Allreduce of a buffer the size of the engine's gradient storage, after
+    rewriting the buffer as backward does (the rewrite, one memset, is timed with it: without
+    it the shared-memory sum would find its peers' rows already in its own cache)."""
 
     def __init__(self, comm, n):
         self.comm, self.buf = comm, np.zeros(n, np.float32)
 
     def step(self, *_):
+        self.buf.fill(0.0)
         if self.comm.Get_size() > 1:
             self.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
 
 
 class ShmAllreduceOnly:
-    """The same sum through paranet's SharedMemoryAllreduce (where every machine has > 1 rank)."""
+    """The same through paranet's SharedMemoryAllreduce (where every machine has > 1 rank)."""
 
     def __init__(self, comm, n):
         self.shm = SharedMemoryAllreduce(comm, n, np.float32)
 
     def step(self, *_):
+        self.shm.buffer.fill(0.0)
         self.shm.allreduce()
 
 
@@ -311,10 +315,11 @@ class ShmAllreduceOnly:
 class PhaseTimers:
     """Wraps the engine's methods on their instances with timers (the real code path still runs).
 
-    Phases: each placeholder's feed check, each op's forward and backward, the gradient scaling
-    and the Allreduce inside the DistributedOptimizer, the inner optimizer's update, and the
-    rest of the step (Session.run's and backward's Python bookkeeping, plan lookup, the copy of
-    the returned loss) as the difference to the step's total.
+    Phases: each placeholder's feed check, each op's forward and backward, the gradient sum
+    inside the DistributedOptimizer (split into the wait for the slowest rank and the sum),
+    the inner optimizer's update, and the rest of the step (Session.run's and backward's
+    Python bookkeeping, plan lookup, the copy of the returned loss) as the difference to the
+    step's total.
     """
 
     def __init__(self, engine):
@@ -327,7 +332,7 @@ class PhaseTimers:
             self._wrap(op, "forward", f"fwd {type(op).__name__} '{op.name}'")
         for op, _ in plan.routes:
             self._wrap(op, "backward", f"bwd {type(op).__name__} '{op.name}'")
-        self._wrap(engine.world, "allreduce_sum", "allreduce")
+        self._wrap_sum(engine.world)
         self._wrap(engine.opt.optimizer, "apply_gradients", "update (inner optimizer)")
 
     def _wrap(self, obj, attr, key):
@@ -343,6 +348,26 @@ class PhaseTimers:
 
         setattr(obj, attr, timed)
         self.undo.append((obj, attr))
+
+    def _wrap_sum(self, world):
+        """The gradient sum, split into the wait for the slowest rank (a barrier just before it)
+        and the sum itself, which then starts with every rank present."""
+        fn, acc, comm = world.sum_over_ranks, self.acc, world.comm
+
+        def timed(buf):
+            t0 = _clock()
+            if comm is not None:
+                comm.Barrier()
+            t1 = _clock()
+            try:
+                return fn(buf)
+            finally:
+                t2 = _clock()
+                acc["allreduce: waiting for the slowest rank"] = acc.get("allreduce: waiting for the slowest rank", 0.0) + (t1 - t0)
+                acc["allreduce: the sum"] = acc.get("allreduce: the sum", 0.0) + (t2 - t1)
+
+        world.sum_over_ranks = timed
+        self.undo.append((world, "sum_over_ranks"))
 
     def remove(self):
         for obj, attr in self.undo:

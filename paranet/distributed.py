@@ -73,16 +73,24 @@ class World:
         return self.size > 1
 
     def allreduce_sum(self, buf):
-        """Sum ``buf`` in place over all ranks; the one place gradients are reduced.
+        """Sum ``buf`` in place over all ranks."""
+        total = self.sum_over_ranks(buf)
+        if total is not buf:
+            np.copyto(buf, total)
+        return buf
 
-        A buffer that ``shared_buffer`` handed out is summed through shared memory, any other
-        by MPI_Allreduce.
+    def sum_over_ranks(self, buf):
+        """The sum of ``buf`` over all ranks; the one place gradients are reduced.
+
+        A buffer that ``shared_buffer`` handed out is summed through shared memory and the
+        sum returned as a read-only view of shared memory, valid until the next call (it
+        saves the copy back into ``buf``). Any other buffer is summed in place by
+        MPI_Allreduce and returned.
         """
         if self.distributed:
             if self._shm is not None and buf is self._shm.buffer:
-                self._shm.allreduce()
-            else:
-                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                return self._shm.allreduce()
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         return buf
 
     def shared_buffer(self, like):
@@ -148,13 +156,14 @@ class SharedMemoryAllreduce:
        directly); with several machines, the ranks owning the same slice on each machine then
        MPI_Allreduce that slice among themselves (one rank a machine);
     3. barrier: every slice is summed;
-    4. allgather: each rank copies ``summed`` into its row.
+    4. allgather: ``allreduce()`` returns ``summed``, which every rank reads (a caller that
+       needs the sum in its row copies it: ``allreduce(copy=True)``).
 
-    Each rank reads about twice the buffer and writes it about once, with two barriers and
-    two numpy calls, where MPI_Allreduce's point-to-point rounds copy the data through MPI's
+    Each rank reads about twice the buffer, with two barriers and one numpy call, where MPI_Allreduce's point-to-point rounds copy the data through MPI's
     buffers several times. Every rank copies the same sums, so the replicas get the same
     bits. No step can race with a slower peer's: the rows are read only between the barriers
-    of 1 and 3, and ``summed`` only after 3 and before the next step's barrier 1.
+    of 1 and 3, and ``summed`` only after 3 and before the next step's barrier 1, so its
+    readers must be done with it before they call ``allreduce()`` again.
     """
 
     ALIGN = 64  # bytes: rows and slices start on their own cache line
@@ -184,6 +193,7 @@ class SharedMemoryAllreduce:
         lo, hi = min(rank * piece, self.size), min((rank + 1) * piece, self.size)
         self._columns, self._mine = grads[:, lo:hi], summed[lo:hi]
         self._summed = summed[: self.size]
+        self._summed.flags.writeable = False  # this rank's slice is written through self._mine only
         # several machines: one rank per machine owns each slice; they Allreduce it among themselves
         self.cross = comm.Split(rank, comm.Get_rank()) if comm.Get_size() > local else None
         self.node.Barrier()
@@ -200,8 +210,9 @@ class SharedMemoryAllreduce:
         memory = getattr(MPI, "buffer", None) or MPI.memory  # mpi4py 4 / 3
         return np.frombuffer(memory.fromaddress(base, local * step), self.dtype)
 
-    def allreduce(self):
-        """Sum ``buffer`` over all ranks, in place."""
+    def allreduce(self, copy=False):
+        """The sum of ``buffer`` over all ranks: a read-only view of the shared sum, valid until
+        the next call; with ``copy``, also copied into ``buffer``, which is returned."""
         w_grads, w_summed = self._wins
         w_grads.Sync()  # this rank's stores to its row are visible...
         self.node.Barrier()  # ...and every peer's are done
@@ -212,8 +223,10 @@ class SharedMemoryAllreduce:
         w_summed.Sync()
         self.node.Barrier()
         w_summed.Sync()
-        np.copyto(self.buffer, self._summed)
-        return self.buffer
+        if copy:
+            np.copyto(self.buffer, self._summed)
+            return self.buffer
+        return self._summed
 
     def close(self):
         """Free the windows and communicators (collective); safe to call more than once."""
@@ -260,6 +273,7 @@ class DistributedOptimizer:
         self.timeline = None  # a paranet.timeline.Timeline to record allreduce and update spans on
         self.grad_scale = 1.0  # params.grads * grad_scale is the mean gradient of the last step
         self._params = None  # the Parameters whose gradient storage the world reduces
+        self.last_sum = None  # the weighted gradient sum of the last step (valid until the next)
 
     def apply_gradients(self, params, count=None, loss_sum=None, correct=0, stop=False, total=None):
         """Sum the ranks' gradients in one Allreduce and apply the wrapped optimizer's update
@@ -269,8 +283,9 @@ class DistributedOptimizer:
         sum(n_i g_i) / N. With ``total`` (N) known, each rank weights g_i by n_i P / N, a pass
         it skips when its share is the even one, N / P; the remaining 1 / P is folded into the
         update. Without it, g_i is weighted by n_i and the update scaled by 1 / (sum n_i).
-        Afterwards ``params.grads`` holds the weighted sum and ``grad_scale`` the factor that
-        makes it the mean.
+        The wrapped optimizer reads the weighted sum where the world left it (``params.grads``
+        after an MPI_Allreduce, shared memory after the shared-memory sum; ``last_sum`` after
+        the step), and ``grad_scale`` is the factor that makes it the mean.
 
         Args:
             count: this rank's samples in the step (default: the batch fed to the loss).
@@ -294,7 +309,8 @@ class DistributedOptimizer:
             grads *= weight
         tail[COUNT], tail[LOSS_SUM], tail[CORRECT], tail[STOP] = count, loss_sum, correct, float(stop)
         t0 = _now()
-        self.world.allreduce_sum(buf)
+        total_buf = self.world.sum_over_ranks(buf)  # buf itself, or the shared sum (no copy back)
+        tail = total_buf[params.size :]
         t1 = _now()
         self.comm_seconds += t1 - t0
         if self.timeline is not None:
@@ -306,7 +322,8 @@ class DistributedOptimizer:
             self.grad_scale = 1.0  # one rank: its mean is the global mean
         else:
             self.grad_scale = 1.0 / size if total is not None else 1.0 / max(reduced, 1.0)
-        self.optimizer.apply_gradients(params, self.grad_scale)
+        self.last_sum = total_buf[: params.size]
+        self.optimizer.apply_gradients(params, self.grad_scale, grads=self.last_sum)
         if self.timeline is not None:
             self.timeline.add("update", t1, _now())
         return reduced, float(tail[LOSS_SUM]), float(tail[CORRECT]), bool(tail[STOP] > 0)

@@ -28,14 +28,16 @@ class Optimizer:
             arr = self.state[name] = np.zeros_like(params.values)
         return arr
 
-    def apply_gradients(self, params, grad_scale=1.0):
-        """Update ``params.values`` from the gradient ``grad_scale * params.grads``.
+    def apply_gradients(self, params, grad_scale=1.0, grads=None):
+        """Update ``params.values`` from the gradient ``grad_scale * grads``.
 
-        ``grad_scale`` lets a caller that holds a sum of gradients (the distributed layer)
-        fold the averaging into the update instead of spending a pass over the buffer on it.
+        ``grads`` defaults to ``params.grads``; the distributed layer passes the sum over the
+        ranks where it lies (in shared memory, say) so that it need not be copied back.
+        ``grad_scale`` lets a caller that holds a sum of gradients fold the averaging into the
+        update instead of spending a pass over the buffer on it.
         """
         self.steps += 1
-        self.update(params.values, params.grads, params, grad_scale)
+        self.update(params.values, params.grads if grads is None else grads, params, grad_scale)
 
     def update(self, w, g, params, scale):
         raise NotImplementedError
