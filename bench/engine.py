@@ -396,7 +396,11 @@ def phase_breakdown(engine, baseline, batches, steps):
     eng["other (run/backward bookkeeping, grad scaling, copies)"] = t_engine / steps * 1e6 - sum(eng.values())
     base = {k: v / steps * 1e6 for k, v in acc_base.items()}
     base["other (python)"] = t_base / steps * 1e6 - sum(base.values())
-    return {"steps": steps, "engine_us": eng, "engine_total_us": t_engine / steps * 1e6,
+    comm = engine.world.comm
+    wait = eng.get("allreduce: waiting for the slowest rank", 0.0)
+    # every rank's wait: a rank that never waits is the one the others wait for
+    waits = comm.allgather(wait) if comm is not None else [wait]
+    return {"steps": steps, "wait_us_per_rank": waits, "engine_us": eng, "engine_total_us": t_engine / steps * 1e6,
             "baseline_us": base, "baseline_total_us": t_base / steps * 1e6}
 
 

@@ -54,8 +54,10 @@ def worker_env():
     return env
 
 
-def mpiexec_for(python):
-    return str(Path(python).parent / "mpiexec")
+def mpiexec_for(python, bind="none"):
+    """mpiexec beside ``python``, with hydra's ``-bind-to`` option unless ``bind`` is "none"."""
+    cmd = [str(Path(python).parent / "mpiexec")]
+    return cmd if bind == "none" else cmd + ["-bind-to", bind]
 
 
 def run_json(cmd, timeout):
@@ -72,7 +74,7 @@ def run_json(cmd, timeout):
 def run_worker(args, ranks, batch):
     """One side-by-side run of every contender at ``ranks`` x global ``batch``."""
     steps = max(args.min_steps, round(args.segment_samples / batch))
-    cmd = [mpiexec_for(args.python), "-n", str(ranks), args.python, "-m", "bench.engine", "--batch", str(batch),
+    cmd = [*mpiexec_for(args.python, args.bind_to), "-n", str(ranks), args.python, "-m", "bench.engine", "--batch", str(batch),
            "--steps", str(steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
            "--stepwise", str(args.stepwise), "--profile-steps", str(args.profile_steps), "--cprofile", str(args.cprofile),
            "--torch", "off" if args.no_torch else "auto"]
@@ -83,7 +85,7 @@ def run_worker(args, ranks, batch):
 
 def run_check(args, ranks, batch=128, steps=5):
     """Engine, baseline (and torch) trained from the same start on the same data: parameter distance."""
-    cmd = [mpiexec_for(args.python), "-n", str(ranks), args.python, "-m", "bench.engine", "--batch", str(batch),
+    cmd = [*mpiexec_for(args.python), "-n", str(ranks), args.python, "-m", "bench.engine", "--batch", str(batch),
            "--check", str(steps), "--torch", "off" if args.no_torch else "auto"]
     return run_json(cmd, timeout=120)
 
@@ -131,7 +133,7 @@ def memory_case(args, tmp):
     ensure_default_dataset()  # converting MNIST on first use would dominate rank 0's peak
     folder = Path(tmp) / "rss"
     folder.mkdir()
-    cmd = [mpiexec_for(args.python), "-n", "4", args.python, "-m", "bench.rss", "--max-steps", str(args.memory_steps),
+    cmd = [*mpiexec_for(args.python), "-n", "4", args.python, "-m", "bench.rss", "--max-steps", str(args.memory_steps),
            "--checkpoint", str(Path(tmp) / "rss.ckpt.h5"), "--metrics", str(Path(tmp) / "rss.json")]
     env = {**worker_env(), "PARANET_BENCH_RSS_DIR": str(folder)}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -155,7 +157,7 @@ def time_to_accuracy(args, tmp):
             out.append({"model": model, "skipped": "paranet.nn.Conv2D does not exist"})
             continue
         metrics = Path(tmp) / f"tta_{model}.json"
-        cmd = [mpiexec_for(args.python), "-n", "2", args.python, "-m", "paranet.train", "--model", model,
+        cmd = [*mpiexec_for(args.python), "-n", "2", args.python, "-m", "paranet.train", "--model", model,
                "--metrics", str(metrics), "--checkpoint", str(Path(tmp) / f"tta_{model}.ckpt.h5")]
         t = time.perf_counter()
         p = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=1800)
@@ -225,7 +227,7 @@ def _f(v, fmt="{:,.0f}"):
 
 def print_report(results, args):
     info = results["machine"]
-    print(f"paranet bench — MLP 784-128-10 float32, plain SGD, 1 BLAS thread a rank (also at P=1), "
+    print(f"paranet bench — MLP 784-128-10 float32, plain SGD, 1 BLAS thread a rank (also at P=1), ranks bound: {args.bind_to}, "
           f"medians of {args.repeats} interleaved repeats")
     print(f"machine: {info.get('nproc')} cores ({info.get('cpu', '?')}), numpy {info.get('numpy')}, "
           f"{info.get('mpi_library')}, load average {results['load_average']['before']} -> {results['load_average']['after']}")
@@ -275,10 +277,12 @@ def print_report(results, args):
     print("\nwhere a step's time goes, µs per step (rank 0; engine methods wrapped with timers):")
     for c in results["cases"]:
         ph = c.get("phases")
-        if not ph or c["batch"] not in (128, 1024) or c["ranks"] not in (1, 2):
+        if not ph or c["batch"] not in (128, 1024) or c["ranks"] not in (1, 2, max(args.procs)):
             continue
         print(f"  P={c['ranks']} batch {c['batch']}: engine {ph['engine_total_us']:,.0f} µs, "
               f"baseline {ph['baseline_total_us']:,.0f} µs")
+        if len(ph.get("wait_us_per_rank", ())) > 1:
+            print("    engine   wait for the slowest rank, each rank: " + " ".join(f"{w:.0f}" for w in ph["wait_us_per_rank"]))
         for k, v in sorted(ph["engine_us"].items(), key=lambda kv: -kv[1]):
             print(f"    engine   {k:<55} {v:>9.1f}")
         for k, v in ph["baseline_us"].items():
@@ -382,6 +386,9 @@ def parse_args(argv=None):
     p.add_argument("--python", default=sys.executable,
                    help="interpreter of the workers, with mpiexec beside it (default: this one); e.g. a venv "
                         "with torch, to add the PyTorch DDP rows")
+    p.add_argument("--bind-to", choices=["none", "core", "hwthread"], default="none",
+                   help="pin each rank of the timed cases to a core (mpiexec -bind-to): steadier steps when P "
+                        "equals the cores, because the scheduler cannot stack two ranks on one core")
     p.add_argument("--no-torch", action="store_true", help="leave PyTorch out even where it imports")
     p.add_argument("--no-memory", action="store_true", help="skip the P=4 trainer peak-RSS run")
     p.add_argument("--memory-steps", type=int, default=None, help="trainer steps of the memory run (default 200, quick 20)")

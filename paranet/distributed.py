@@ -274,6 +274,7 @@ class DistributedOptimizer:
         self.grad_scale = 1.0  # params.grads * grad_scale is the mean gradient of the last step
         self._params = None  # the Parameters whose gradient storage the world reduces
         self.last_sum = None  # the weighted gradient sum of the last step (valid until the next)
+        self._views = {}  # id(summed buffer) -> (it, its gradient part, its tail), made once
 
     def apply_gradients(self, params, count=None, loss_sum=None, correct=0, stop=False, total=None):
         """Sum the ranks' gradients in one Allreduce and apply the wrapped optimizer's update
@@ -302,31 +303,36 @@ class DistributedOptimizer:
         if params is not self._params:  # first step: the gradients move to the buffer the world reduces
             params.use_grad_storage(self.world.shared_buffer(params.grad_storage))
             self._params = params
-        buf, tail, grads = params.grad_storage, params.grad_storage[params.size :], params.grads
+            buf = params.grad_storage
+            self._views = {id(buf): (buf, buf[: params.size], buf[params.size :])}
+        buf, n = params.grad_storage, params.size
         size = self.world.size
         weight = count if total is None else count * size / total
         if size > 1 and weight != 1:
-            grads *= weight
+            params.grads *= weight
+        tail = self._views[id(buf)][2] if id(buf) in self._views else buf[n:]
         tail[COUNT], tail[LOSS_SUM], tail[CORRECT], tail[STOP] = count, loss_sum, correct, float(stop)
         t0 = _now()
-        total_buf = self.world.sum_over_ranks(buf)  # buf itself, or the shared sum (no copy back)
-        tail = total_buf[params.size :]
+        summed = self.world.sum_over_ranks(buf)  # buf itself, or the shared sum (no copy back)
         t1 = _now()
         self.comm_seconds += t1 - t0
         if self.timeline is not None:
             self.timeline.add("allreduce", t0, t1)
-        reduced = float(tail[COUNT])
+        views = self._views.get(id(summed))  # the same one or two arrays every step: slice them once
+        if views is None:
+            views = self._views[id(summed)] = (summed, summed[:n], summed[n:])
+        reduced, loss_total, correct_total, stop_total = views[2].tolist()
         if total is not None and reduced != total:
             raise RuntimeError(f"ranks disagree on the global batch: {reduced:g} samples reduced, {total} expected")
         if size == 1:
             self.grad_scale = 1.0  # one rank: its mean is the global mean
         else:
             self.grad_scale = 1.0 / size if total is not None else 1.0 / max(reduced, 1.0)
-        self.last_sum = total_buf[: params.size]
+        self.last_sum = views[1]
         self.optimizer.apply_gradients(params, self.grad_scale, grads=self.last_sum)
         if self.timeline is not None:
             self.timeline.add("update", t1, _now())
-        return reduced, float(tail[LOSS_SUM]), float(tail[CORRECT]), bool(tail[STOP] > 0)
+        return reduced, loss_total, correct_total, stop_total > 0
 
     def state_dict(self):
         return self.optimizer.state_dict()

@@ -73,7 +73,10 @@ class Node:
     def grad_buffer(self):
         """The array this node's gradient is accumulated in during backward (C order, so that
         ops may reshape it in place), shaped like its value."""
-        value = np.asarray(self.value)
+        value, buf = self.value, self._buffers.get("grad")
+        if buf is not None and type(value) is np.ndarray and buf.shape == value.shape and buf.dtype == value.dtype:
+            return buf  # the steady state, without the asarray and the second lookup
+        value = np.asarray(value)
         return self.buffer("grad", value.shape, value.dtype)
 
     def buffer(self, key, shape, dtype):
@@ -95,13 +98,23 @@ class Placeholder(Node):
         super().__init__(name=name or "placeholder")
         self.shape = tuple(shape)
         self.root = self
+        self._fixed = [(i, d) for i, d in enumerate(self.shape) if d is not None]  # the sizes a feed must have
+
+    def _fits(self, shape):
+        """``shapes_match(self.shape, shape)`` for a concrete shape, without a generator."""
+        if len(shape) != len(self.shape):
+            return False
+        for i, d in self._fixed:
+            if shape[i] != d:
+                return False
+        return True
 
     def feed(self, value, dtype, check_finite=True):
         """Check a fed array against this placeholder and return it in ``dtype``."""
         arr = np.asarray(value)
         if arr.dtype != dtype and arr.dtype.kind not in "iuf":  # ints, unsigned ints, floats
             raise GraphError(f"placeholder '{self.name}': expected a numeric array, got dtype {arr.dtype}")
-        if not shapes_match(self.shape, arr.shape):
+        if not self._fits(arr.shape):
             raise GraphError(
                 f"placeholder '{self.name}': expected shape {_fmt_shape(self.shape)}, got {_fmt_shape(arr.shape)}"
             )
