@@ -297,6 +297,7 @@ class Plan:
                     kinds.append(self.FAN_OUT)
             self.routes.append((op, kinds))
         self.unreached = [v for v in self.variables if id(v) not in reached]
+        self.backward_key = self.backward_calls = None  # Session.backward's lookups, per feed shape
 
 
 class Session:
@@ -369,20 +370,38 @@ class Session:
         out_node = plan.order[-1]
         if np.size(out_node.value) != 1:
             raise GraphError(f"{out_node!r}: gradients need a scalar node, got shape {np.shape(out_node.value)}")
-        out_node.grad_buffer().fill(1)
-        fan_out = Plan.FAN_OUT
-        for op, kinds in plan.routes:
-            outs = [None if kind is None else inp.grad_buffer() for inp, kind in zip(op.last, kinds)]
-            if fan_out in kinds:  # this input already holds another consumer's gradient
-                total = {}
-                for slot, kind in enumerate(kinds):
-                    if kind == fan_out:
-                        total[slot] = outs[slot]
-                        outs[slot] = op.buffer(("fan-out", slot), outs[slot].shape, outs[slot].dtype)
-                op.backward(op.grad_buffer(), outs)
-                for slot, acc in total.items():
-                    acc += outs[slot]
-            else:
-                op.backward(op.grad_buffer(), outs)
+        seed, calls = self._backward_calls(plan)
+        seed.fill(1)
+        for op, g, outs, fan_outs in calls:
+            op.backward(g, outs)
+            for acc, scratch in fan_outs:  # an input with several consumers: add this one's share
+                acc += scratch
         for v in plan.unreached:
             v.grad[...] = 0
+
+    @staticmethod
+    def _backward_calls(plan):
+        """The arrays each op's backward reads and writes, looked up once per feed shape.
+
+        They depend only on the fed shapes and on where the parameters' gradients live, so a
+        training step at a steady batch size reuses the list instead of asking every node for
+        its buffers again.
+        """
+        shapes = tuple(ph.value.shape for ph in plan.placeholders)
+        storage = plan.params.grad_storage if plan.params is not None else None
+        key = plan.backward_key
+        if key is not None and key[0] == shapes and key[1] is storage:
+            return plan.backward_calls
+        key = (shapes, storage)
+        fan_out, calls = Plan.FAN_OUT, []
+        for op, kinds in plan.routes:
+            outs = [None if kind is None else inp.grad_buffer() for inp, kind in zip(op.last, kinds)]
+            fan_outs = []
+            for slot, kind in enumerate(kinds):
+                if kind == fan_out:  # this input already holds another consumer's gradient
+                    scratch = op.buffer(("fan-out", slot), outs[slot].shape, outs[slot].dtype)
+                    fan_outs.append((outs[slot], scratch))
+                    outs[slot] = scratch
+            calls.append((op, op.grad_buffer(), outs, fan_outs))
+        plan.backward_key, plan.backward_calls = key, (plan.order[-1].grad_buffer(), calls)
+        return plan.backward_calls
