@@ -298,6 +298,7 @@ class Plan:
             self.routes.append((op, kinds))
         self.unreached = [v for v in self.variables if id(v) not in reached]
         self.backward_key = self.backward_calls = None  # Session.backward's lookups, per feed shape
+        self.params = None  # the Parameters packing ``variables``, set by Session.plan
 
 
 class Session:
