@@ -1,8 +1,10 @@
 """Smoke test of `python -m bench`: the machinery runs with tiny step counts, the JSON has its keys,
 and the hand-written baseline the engine is measured against computes the same training steps."""
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +58,9 @@ def test_quick_bench_writes_json(tmp_path):
             assert key in c, key
         assert c["engine_samples_per_s"] > 0 and c["baseline_samples_per_s"] > 0
         assert (c["allreduce_us"] > 0) == (c["ranks"] > 1)
+        # P > 1 on one machine: the engine sums in shared memory, engine_mpi like the baseline
+        assert ("engine_mpi_samples_per_s" in c) == ("shm_allreduce_us" in c) == (c["ranks"] > 1)
+        assert len(c["phases"]["wait_us_per_rank"]) == c["ranks"]
     for chk in res["correctness"]:
         assert chk["engine_moved"] > 1e-3
         assert chk["max_abs_diff_baseline"] <= 1e-6, chk
@@ -74,3 +79,19 @@ def test_help_names_the_flags():
     assert proc.returncode == 0
     for flag in ("--quick", "--time-to-accuracy", "--data-bench", "--python", "--procs"):
         assert flag in proc.stdout
+
+
+def test_bind_to_reaches_mpiexec_and_pins_ranks():
+    """--bind-to core adds hydra's -bind-to to the timed cases' mpiexec, and hydra then gives
+    each rank one CPU (read back from /proc)."""
+    from bench.suite import mpiexec_for, parse_args
+
+    assert parse_args([]).bind_to == "none"
+    assert mpiexec_for(sys.executable) == [str(Path(sys.executable).parent / "mpiexec")]
+    cmd = mpiexec_for(sys.executable, parse_args(["--bind-to", "core"]).bind_to)
+    assert cmd[1:] == ["-bind-to", "core"]
+    probe = "import os; print(f'<cpus {len(os.sched_getaffinity(0))}>', flush=True)"
+    proc = subprocess.run([*cmd, "-n", "2", sys.executable, "-c", probe], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(re.findall(r"<cpus \d+>", proc.stdout)) == ["<cpus 1>", "<cpus 1>"], proc.stdout  # ranks' lines may interleave

@@ -63,7 +63,10 @@ def test_two_hosts_reach_the_single_host_parameters(hosts, mnist_h5, tmp_path, n
     assert launched == [hosts.addrs[1]], launched
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["world_size"] == nprocs and metrics["completed"] is True
-    # Every step's gradient Allreduce (N_PARAMS float64) crossed the veth pair: at least half a
-    # buffer a step each way, whatever the algorithm. Shared memory would leave only a few kB here.
+    # one rank a host: MPI_Allreduce; two a host: shared memory on each, then MPI across the hosts
+    how = "by MPI_Allreduce" if nprocs == 2 else "in shared memory (2 machines x 2 ranks)"
+    assert f"gradients summed {how}" in proc.stdout, proc.stdout
+    # Every step's gradient sum (N_PARAMS float64) crossed the veth pair: at least half a buffer
+    # a step each way, whatever the algorithm. One host's shared memory would leave only a few kB.
     assert wire >= STEPS * N_PARAMS * 8, f"only {wire} bytes crossed the veth pair"
     assert max_abs_diff(load_params(tmp_path / "p.npz"), load_params(single / "p.npz")) <= 1e-10
