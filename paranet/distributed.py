@@ -1,11 +1,11 @@
 """Data parallelism: the only module that imports mpi4py.
 
 ``World`` wraps COMM_WORLD (or a single process when mpi4py is missing or there is one rank).
-``DistributedOptimizer`` wraps any optimizer: after backward, one in-place Allreduce over the
-flat gradient buffer sums the ranks' gradients, weighted so that the wrapped optimizer's update
+``DistributedOptimizer`` wraps any optimizer: after backward, one sum over the ranks of the
+flat gradient buffer (MPI_Allreduce, or ``SharedMemoryAllreduce``) adds up their gradients, weighted so that the wrapped optimizer's update
 uses the exact mean over all samples of the global batch, and every rank applies that same
 update. ``SharedMemoryAllreduce`` is the faster way to do that sum when several ranks share a
-machine (``--allreduce``). ``install_abort_hook`` makes an uncaught exception on one rank end the
+machine (the trainer's ``--allreduce``). ``install_abort_hook`` makes an uncaught exception on one rank end the
 whole job instead of leaving the others waiting in a collective.
 """
 import atexit
@@ -108,7 +108,8 @@ class World:
         if not self.distributed:
             return "one process: nothing to reduce"
         if self.allreduce == "shm":
-            where = f"{self.nodes} machines x {self.local_size} ranks" if self.nodes > 1 else f"{self.local_size} ranks on one machine"
+            where = (f"{self.nodes} machines x {self.local_size} ranks" if self.nodes > 1
+                     else f"{self.local_size} ranks on one machine")
             return f"gradients summed in shared memory ({where})"
         return "gradients summed by MPI_Allreduce"
 
@@ -142,7 +143,7 @@ class World:
 
 
 class SharedMemoryAllreduce:
-    """An in-place sum over all ranks of one fixed buffer, through MPI-3 shared memory.
+    """The sum over all ranks of one fixed buffer, through MPI-3 shared memory.
 
     The ranks of a machine allocate two windows with MPI_Win_allocate_shared, each contiguous
     across the ranks (the MPI standard's default), so that every rank sees them as arrays:
@@ -159,9 +160,9 @@ class SharedMemoryAllreduce:
     4. allgather: ``allreduce()`` returns ``summed``, which every rank reads (a caller that
        needs the sum in its row copies it: ``allreduce(copy=True)``).
 
-    Each rank reads about twice the buffer, with two barriers and one numpy call, where MPI_Allreduce's point-to-point rounds copy the data through MPI's
-    buffers several times. Every rank copies the same sums, so the replicas get the same
-    bits. No step can race with a slower peer's: the rows are read only between the barriers
+    Each rank reads about twice the buffer, with two barriers and one numpy call, where
+    MPI_Allreduce's point-to-point rounds copy the data through MPI's buffers several times.
+    Every rank reads the same sums, so the replicas get the same bits. No step can race with a slower peer's: the rows are read only between the barriers
     of 1 and 3, and ``summed`` only after 3 and before the next step's barrier 1, so its
     readers must be done with it before they call ``allreduce()`` again.
     """
