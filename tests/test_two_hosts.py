@@ -70,3 +70,31 @@ def test_two_hosts_reach_the_single_host_parameters(hosts, mnist_h5, tmp_path, n
     # a step each way, whatever the algorithm. One host's shared memory would leave only a few kB.
     assert wire >= STEPS * N_PARAMS * 8, f"only {wire} bytes crossed the veth pair"
     assert max_abs_diff(load_params(tmp_path / "p.npz"), load_params(single / "p.npz")) <= 1e-10
+
+
+def test_uneven_hosts_sum_by_mpi_and_refuse_forced_shared_memory(hosts, mnist_h5, tmp_path):
+    """Two ranks on host a and one on host b: the slices of a shared-memory sum would not line up
+    across the hosts, so auto falls back to MPI_Allreduce (and still reaches the one-host
+    parameters), and --allreduce shm is refused with one line and exit 2."""
+    single = tmp_path / "single"
+    single.mkdir()
+    run_train(3, "--data", mnist_h5, *TRAIN, "--checkpoint", single / "ck.h5", "--save-params", single / "p.npz")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(f"{hosts.addrs[0]}:2\n{hosts.addrs[1]}:1\n")
+    e = hosts.env(env(PARANET_PYTHON=sys.executable))
+
+    def launch(*extra):
+        cmd = hosts.command(0, [REPO / "launch" / "mpirun.sh", "-n", 3, "-f", hostfile, "--", "--data", mnist_h5,
+                                *TRAIN, "--checkpoint", tmp_path / "ck.h5", "--save-params", tmp_path / "p.npz", *extra])
+        return subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
+
+    proc = launch()
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert "gradients summed by MPI_Allreduce" in proc.stdout, proc.stdout
+    assert max_abs_diff(load_params(tmp_path / "p.npz"), load_params(single / "p.npz")) <= 1e-10
+
+    proc = launch("--allreduce", "shm")
+    assert proc.returncode == 2, f"{proc.stdout}\n{proc.stderr}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("paranet: error:")]
+    assert errors == ["paranet: error: --allreduce shm needs the same number (> 1) of ranks on every machine; "
+                      "ranks per machine here: [1, 2]"], proc.stderr
