@@ -81,6 +81,8 @@ def test_sbatch_trains_with_one_rank_per_task(slurm, mnist_h5, tmp_path, ntasks,
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == ntasks, log
     assert f"paranet: world size {ntasks}," in log
+    # one node: the ranks see each other's memory under srun's PMI and under mpiexec alike
+    assert f"gradients summed in shared memory ({ntasks} ranks on one machine)" in log, log
     assert metrics["completed"] is True and metrics["steps"] == 60
     assert 0.6 < metrics["test_accuracy"] <= 1.0, metrics["test_accuracy"]  # ~0.86 after 60 steps
     expected = "srun --mpi=pmi2" if launcher == "srun" else f"{Path(sys.executable).parent / 'mpiexec'} -n {ntasks}"
