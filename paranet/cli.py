@@ -461,7 +461,7 @@ def main(argv=None):
     try:
         world = World(allreduce=args.allreduce)
     except ValueError as e:  # --allreduce shm where it cannot work: every rank knows, rank 0 says it
-        if _env_rank() in (None, 0):
+        if _env_rank() == 0:
             print(f"paranet: error: {e}", file=sys.stderr, flush=True)
         return 2
     install_abort_hook(world, quiet=(DataError, GraphError, checkpoint.CheckpointError))

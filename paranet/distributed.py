@@ -275,7 +275,7 @@ class DistributedOptimizer:
         self.grad_scale = 1.0  # params.grads * grad_scale is the mean gradient of the last step
         self._params = None  # the Parameters whose gradient storage the world reduces
         self.last_sum = None  # the weighted gradient sum of the last step (valid until the next)
-        self._views = {}  # id(summed buffer) -> (it, its gradient part, its tail), made once
+        self._views = {}  # id(array) -> (array, its gradient part, its tail), see _split
 
     def apply_gradients(self, params, count=None, loss_sum=None, correct=0, stop=False, total=None):
         """Sum the ranks' gradients in one Allreduce and apply the wrapped optimizer's update
@@ -303,15 +303,13 @@ class DistributedOptimizer:
             loss_sum = float(self.loss.value) * count
         if params is not self._params:  # first step: the gradients move to the buffer the world reduces
             params.use_grad_storage(self.world.shared_buffer(params.grad_storage))
-            self._params = params
-            buf = params.grad_storage
-            self._views = {id(buf): (buf, buf[: params.size], buf[params.size :])}
-        buf, n = params.grad_storage, params.size
+            self._params, self._views = params, {}
+        buf = params.grad_storage
         size = self.world.size
         weight = count if total is None else count * size / total
         if size > 1 and weight != 1:
             params.grads *= weight
-        tail = self._views[id(buf)][2] if id(buf) in self._views else buf[n:]
+        tail = self._split(buf, params.size)[1]
         tail[COUNT], tail[LOSS_SUM], tail[CORRECT], tail[STOP] = count, loss_sum, correct, float(stop)
         t0 = _now()
         summed = self.world.sum_over_ranks(buf)  # buf itself, or the shared sum (no copy back)
@@ -319,21 +317,26 @@ class DistributedOptimizer:
         self.comm_seconds += t1 - t0
         if self.timeline is not None:
             self.timeline.add("allreduce", t0, t1)
-        views = self._views.get(id(summed))  # the same one or two arrays every step: slice them once
-        if views is None:
-            views = self._views[id(summed)] = (summed, summed[:n], summed[n:])
-        reduced, loss_total, correct_total, stop_total = views[2].tolist()
+        self.last_sum, summed_tail = self._split(summed, params.size)
+        reduced, loss_total, correct_total, stop_total = summed_tail.tolist()
         if total is not None and reduced != total:
             raise RuntimeError(f"ranks disagree on the global batch: {reduced:g} samples reduced, {total} expected")
         if size == 1:
             self.grad_scale = 1.0  # one rank: its mean is the global mean
         else:
             self.grad_scale = 1.0 / size if total is not None else 1.0 / max(reduced, 1.0)
-        self.last_sum = views[1]
         self.optimizer.apply_gradients(params, self.grad_scale, grads=self.last_sum)
         if self.timeline is not None:
             self.timeline.add("update", t1, _now())
         return reduced, loss_total, correct_total, stop_total > 0
+
+    def _split(self, arr, n):
+        """(arr[:n], arr[n:]), sliced once per array: the same one or two arrays (the gradient
+        buffer, the shared sum) come back every step."""
+        views = self._views.get(id(arr))
+        if views is None or views[0] is not arr:
+            views = self._views[id(arr)] = (arr, arr[:n], arr[n:])
+        return views[1], views[2]
 
     def state_dict(self):
         return self.optimizer.state_dict()

@@ -27,7 +27,10 @@ def shapes_match(expected, actual):
         return True
     if len(expected) != len(actual):
         return False
-    return all(e is None or a is None or e == a for e, a in zip(expected, actual))
+    for e, a in zip(expected, actual):  # a loop, not all(generator): every feed is checked here
+        if e is not None and a is not None and e != a:
+            return False
+    return True
 
 
 class Node:
@@ -73,10 +76,7 @@ class Node:
     def grad_buffer(self):
         """The array this node's gradient is accumulated in during backward (C order, so that
         ops may reshape it in place), shaped like its value."""
-        value, buf = self.value, self._buffers.get("grad")
-        if buf is not None and type(value) is np.ndarray and buf.shape == value.shape and buf.dtype == value.dtype:
-            return buf  # the steady state, without the asarray and the second lookup
-        value = np.asarray(value)
+        value = np.asarray(self.value)
         return self.buffer("grad", value.shape, value.dtype)
 
     def buffer(self, key, shape, dtype):
@@ -98,23 +98,13 @@ class Placeholder(Node):
         super().__init__(name=name or "placeholder")
         self.shape = tuple(shape)
         self.root = self
-        self._fixed = [(i, d) for i, d in enumerate(self.shape) if d is not None]  # the sizes a feed must have
-
-    def _fits(self, shape):
-        """``shapes_match(self.shape, shape)`` for a concrete shape, without a generator."""
-        if len(shape) != len(self.shape):
-            return False
-        for i, d in self._fixed:
-            if shape[i] != d:
-                return False
-        return True
 
     def feed(self, value, dtype, check_finite=True):
         """Check a fed array against this placeholder and return it in ``dtype``."""
         arr = np.asarray(value)
         if arr.dtype != dtype and arr.dtype.kind not in "iuf":  # ints, unsigned ints, floats
             raise GraphError(f"placeholder '{self.name}': expected a numeric array, got dtype {arr.dtype}")
-        if not self._fits(arr.shape):
+        if not shapes_match(self.shape, arr.shape):
             raise GraphError(
                 f"placeholder '{self.name}': expected shape {_fmt_shape(self.shape)}, got {_fmt_shape(arr.shape)}"
             )
