@@ -1,0 +1,297 @@
+"""BLAS threads a rank (paranet.threads): the decision over settings and CPU sets, then real processes.
+
+The unit tests give ``decide`` explicit environments and CPU sets, so they hold on any machine.
+The process tests start real ranks (``taskset``, the wheel's ``mpiexec -bind-to``) and read the
+count the BLAS library runs with from threadpoolctl inside them. Those that check the automatic
+rule remove the thread variables from the child's environment (tests/launch.py's ``env()`` sets
+them to 1, which would decide instead).
+"""
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from launch import MPIEXEC, REPO
+from paranet.threads import THREAD_VARIABLES, ThreadDecision, ThreadSettingError, configure, decide
+
+NO_VARS = {}  # an environment without any thread variable
+ALLOWED = sorted(os.sched_getaffinity(0))
+
+
+# ---- the decision -----------------------------------------------------------------------------
+
+def test_describe_reads_as_the_header_line():
+    assert ThreadDecision(1, "1 CPU allowed", "affinity").describe() == "1 BLAS thread a rank (1 CPU allowed)"
+    assert ThreadDecision(4, "OMP_NUM_THREADS=4", "environment").describe() == "4 BLAS threads a rank (OMP_NUM_THREADS=4)"
+
+
+@pytest.mark.parametrize("name", THREAD_VARIABLES)
+def test_a_thread_variable_wins_over_the_cpus(name):
+    d = decide(environ={name: "3"}, allowed={0}, peers=[{0}] * 4)
+    assert (d.count, d.source) == (3, "environment")
+    assert d.describe() == f"3 BLAS threads a rank ({name}=3)"
+
+
+def test_library_variables_win_over_omp():
+    """OpenBLAS and MKL read their own variable before OMP_NUM_THREADS; so does the report."""
+    assert decide(environ={"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "2"}, allowed={0}).count == 2
+    assert decide(environ={"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "3"}, allowed={0}).count == 3
+
+
+def test_the_threads_flag_wins_over_everything():
+    d = decide(threads=2, environ={"OMP_NUM_THREADS": "4"}, allowed={0}, peers=[{0}] * 4)
+    assert (d.count, d.source) == (2, "threads")
+    assert d.describe() == "2 BLAS threads a rank (--threads 2)"
+
+
+@pytest.mark.parametrize("value, count", [("4,2", 4), (" 2 ", 2), ("", None)])
+def test_thread_variable_forms(value, count):
+    """OpenMP's nested list means its first level; an empty variable counts as unset."""
+    d = decide(environ={"OMP_NUM_THREADS": value}, allowed={0, 1, 2})
+    assert d.count == (count or 3) and d.source == ("environment" if count else "affinity")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "1.5", "two"])
+@pytest.mark.parametrize("name", THREAD_VARIABLES)
+def test_bad_thread_variable_is_one_clear_error(name, value):
+    with pytest.raises(ThreadSettingError) as e:
+        decide(environ={name: value}, allowed={0})
+    assert str(e.value) == f"{name}={value!r}: expected a whole number of threads >= 1"
+
+
+def test_bad_variable_is_an_error_even_where_another_decides():
+    with pytest.raises(ThreadSettingError, match="OMP_NUM_THREADS='abc'"):
+        decide(environ={"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "abc"}, allowed={0})
+
+
+@pytest.mark.parametrize("threads", [0, -2, True, "2", 1.0])
+def test_bad_threads_flag_is_an_error(threads):
+    with pytest.raises(ThreadSettingError, match="--threads"):
+        decide(threads=threads, environ=NO_VARS, allowed={0})
+
+
+def test_one_cpu_allowed_is_one_thread():
+    d = decide(environ=NO_VARS, allowed={5})
+    assert (d.count, d.source, d.describe()) == (1, "affinity", "1 BLAS thread a rank (1 CPU allowed)")
+
+
+def test_one_rank_alone_uses_every_cpu_it_may():
+    assert decide(environ=NO_VARS, allowed=set(range(64))).describe() == "64 BLAS threads a rank (64 CPUs allowed)"
+
+
+# (the CPU sets of the ranks on one machine) -> the threads each rank gets, at P = 1..4
+CASES = {
+    # every rank may use the same CPUs: they share them
+    "same 2 CPUs": ([{0, 1}] * 1, [2]),
+    "same 2 CPUs, P=2": ([{0, 1}] * 2, [1, 1]),
+    "same 2 CPUs, P=3": ([{0, 1}] * 3, [1, 1, 1]),
+    "same 2 CPUs, P=4": ([{0, 1}] * 4, [1, 1, 1, 1]),
+    "same 8 CPUs, P=2": ([set(range(8))] * 2, [4, 4]),
+    "same 8 CPUs, P=3": ([set(range(8))] * 3, [2, 2, 2]),
+    "same 8 CPUs, P=4": ([set(range(8))] * 4, [2, 2, 2, 2]),
+    # bound ranks (mpiexec -bind-to core, srun --cpu-bind=cores): each its own
+    "one core each, P=2": ([{0}, {1}], [1, 1]),
+    "one core each, P=4": ([{0}, {1}, {2}, {3}], [1, 1, 1, 1]),
+    "two cores each, P=3": ([{0, 1}, {2, 3}, {4, 5}], [2, 2, 2]),
+    "four cores each, P=4": ([set(range(4 * i, 4 * i + 4)) for i in range(4)], [4, 4, 4, 4]),
+    # partial overlaps: one group over the union, never more than a rank's own CPUs
+    "4 CPUs and one of them": ([{0, 1, 2, 3}, {3}], [2, 1]),
+    "a chain": ([{0, 1}, {1, 2}, {2, 3}], [1, 1, 1]),
+    "a chain of fours": ([{0, 1, 2, 3}, {3, 4, 5, 6}, {6, 7, 8, 9}], [3, 3, 3]),
+    # the ends overlap only through the middle rank: still one group of 3 ranks over 12 CPUs
+    "a chain through a small set": ([set(range(6)), {5, 6}, set(range(6, 12))], [4, 2, 4]),
+    # two groups on one machine: a pair sharing {0,1}, two ranks bound to 4 CPUs each
+    "two groups, P=4": ([{0, 1}, {0, 1}, {2, 3, 4, 5}, {6, 7, 8, 9}], [1, 1, 4, 4]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ranks_share_overlapping_cpus_and_keep_disjoint_ones(case):
+    sets, expected = CASES[case]
+    counts = [decide(environ=NO_VARS, allowed=own, peers=sets).count for own in sets]
+    assert counts == expected
+    # never more threads than CPUs: not on any one rank's set, nor in total over a shared set
+    assert all(c <= len(s) for c, s in zip(counts, sets))
+    assert sum(counts) <= max(len(set().union(*sets)), len(sets))
+
+
+def test_shared_reason_names_ranks_and_cpus():
+    assert decide(environ=NO_VARS, allowed={0, 1}, peers=[{0, 1}] * 4).describe() == \
+        "1 BLAS thread a rank (4 ranks share 2 CPUs)"
+    assert decide(environ=NO_VARS, allowed={3}, peers=[{0, 1, 2, 3}, {3}]).describe() == \
+        "1 BLAS thread a rank (2 ranks share 4 CPUs, 1 allowed to this one)"
+
+
+# ---- configure in this process ----------------------------------------------------------------
+
+@pytest.fixture
+def blas_restored():
+    """The BLAS thread count of this process is put back after the test."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+    before = _blas_threads(threadpool_info())
+    yield
+    threadpool_limits(limits=before[0] if before else None)
+
+
+def _blas_threads(info):
+    return [i["num_threads"] for i in info if i["user_api"] == "blas"]
+
+
+def test_configure_gathers_the_cpu_set_and_applies_the_share(blas_restored):
+    from threadpoolctl import threadpool_info
+    sent = []
+
+    def gather(obj):  # three ranks on this machine with the same CPUs as this one
+        sent.append(obj)
+        return [obj] * 3
+
+    d = configure(gather=gather, environ=NO_VARS)
+    assert sent == [ALLOWED]  # one collective call, with this rank's CPUs
+    assert d.count == max(1, len(ALLOWED) // 3)
+    assert _blas_threads(threadpool_info()) == [d.count]
+
+
+def test_configure_leaves_the_library_alone_where_a_variable_decides(blas_restored):
+    from threadpoolctl import threadpool_info, threadpool_limits
+    threadpool_limits(limits=1)
+    d = configure(environ={"OMP_NUM_THREADS": "1"}, gather=lambda obj: [obj] * 1)
+    assert d.describe() == "1 BLAS thread a rank (OMP_NUM_THREADS=1)"
+    assert _blas_threads(threadpool_info()) == [1]
+
+
+def test_threads_module_never_imports_mpi4py():
+    tree = ast.parse((REPO / "paranet" / "threads.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "mpi4py" not in imported and imported <= {"os", "dataclasses", "numpy", "threadpoolctl"}
+
+
+# ---- real processes -----------------------------------------------------------------------------
+
+# Inside each rank: configure with the machine's ranks, then what threadpoolctl sees.
+PROBE = """
+import json, os, sys, threadpoolctl
+from paranet.threads import configure
+gather = None
+if sys.argv[1:] == ["mpi"]:
+    from mpi4py import MPI
+    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED)
+    gather = node.allgather
+d = configure(gather=gather, threads=int(os.environ["PROBE_THREADS"]) if "PROBE_THREADS" in os.environ else None)
+blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+print("PROBE " + json.dumps({"allowed": sorted(os.sched_getaffinity(0)), "count": d.count,
+                             "describe": d.describe(), "blas": blas}), flush=True)
+"""
+
+
+def child_env(**extra):
+    """This checkout importable and no thread variable set, so that the automatic rule decides."""
+    e = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    e.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", **{k: str(v) for k, v in extra.items()})
+    return e
+
+
+def probe(prefix=(), mpi=False, timeout=60, **extra):
+    """Run PROBE under ``prefix`` (taskset, mpiexec ...); the reports of all ranks."""
+    cmd = [*map(str, prefix), sys.executable, "-c", PROBE, *(["mpi"] if mpi else [])]
+    p = subprocess.run(cmd, cwd=REPO, env=child_env(**extra), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(cmd[:6])} ... failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    # Hydra may splice two ranks' lines: find every report wherever it starts.
+    reports = [json.loads(part.split("\n", 1)[0]) for part in p.stdout.split("PROBE ")[1:]]
+    return reports
+
+
+two_cpus = pytest.mark.skipif(len(ALLOWED) < 2, reason="needs at least 2 CPUs allowed to this process")
+needs_taskset = pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) missing")
+
+
+@two_cpus
+@needs_taskset
+def test_taskset_one_cpu_runs_one_blas_thread():
+    """The 41x case: os.cpu_count() says 2 or more, the process may use one CPU."""
+    (r,) = probe(["taskset", "-c", ALLOWED[0]])
+    assert r["allowed"] == [ALLOWED[0]]
+    assert r["blas"] == [1] and r["describe"] == "1 BLAS thread a rank (1 CPU allowed)"
+
+
+def test_unbound_process_runs_a_thread_per_allowed_cpu():
+    (r,) = probe()
+    assert r["blas"] == [len(ALLOWED)] and r["describe"] == f"{len(ALLOWED)} BLAS thread{'s' * (len(ALLOWED) > 1)} a rank ({len(ALLOWED)} CPU{'s' * (len(ALLOWED) > 1)} allowed)"
+
+
+@two_cpus
+def test_user_variable_is_respected_not_overridden():
+    (r,) = probe(OPENBLAS_NUM_THREADS=1)
+    assert r["blas"] == [1] and r["describe"] == "1 BLAS thread a rank (OPENBLAS_NUM_THREADS=1)"
+
+
+def test_variable_above_the_cpus_reports_what_the_library_runs():
+    """configure does not override a variable, and the header tells what the library made of it
+    (OpenBLAS caps OMP_NUM_THREADS at the CPUs allowed): the same count as a process that only
+    imports numpy with that environment."""
+    asked = len(ALLOWED) + 2
+    own = subprocess.run([sys.executable, "-c", "import json, numpy, threadpoolctl; print(json.dumps("
+                          "[i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas']))"],
+                         env=child_env(OMP_NUM_THREADS=asked), capture_output=True, text=True, timeout=60)
+    library = json.loads(own.stdout)
+    (r,) = probe(OMP_NUM_THREADS=asked)
+    assert r["blas"] == library and r["count"] == library[0]
+    assert r["describe"].startswith(f"{library[0]} BLAS thread") and f"(OMP_NUM_THREADS={asked}" in r["describe"]
+
+
+@two_cpus
+@needs_taskset
+def test_threads_flag_wins_over_the_cpu_count():
+    (r,) = probe(["taskset", "-c", ALLOWED[0]], PROBE_THREADS=2, OPENBLAS_NUM_THREADS=1)
+    assert r["blas"] == [2] and r["describe"] == "2 BLAS threads a rank (--threads 2)"
+
+
+def test_bad_variable_stops_the_process_with_one_line():
+    p = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=child_env(OMP_NUM_THREADS="abc"),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1] == \
+        "paranet.threads.ThreadSettingError: OMP_NUM_THREADS='abc': expected a whole number of threads >= 1"
+
+
+@pytest.mark.mpi
+@two_cpus
+def test_mpiexec_bind_to_core_one_thread_each():
+    reports = probe([MPIEXEC, "-n", 2, "-bind-to", "core"], mpi=True)
+    assert len(reports) == 2
+    assert all(len(r["allowed"]) == 1 for r in reports)
+    assert reports[0]["allowed"] != reports[1]["allowed"]  # bound to two different cores
+    assert [r["blas"] for r in reports] == [[1], [1]]
+    assert {r["describe"] for r in reports} == {"1 BLAS thread a rank (1 CPU allowed)"}
+
+
+@pytest.mark.mpi
+@two_cpus
+def test_mpiexec_one_rank_bound_to_one_core():
+    """One rank: os.cpu_count() // local ranks would give it every core; it may use one."""
+    (r,) = probe([MPIEXEC, "-n", 1, "-bind-to", "core"], mpi=True)
+    assert len(r["allowed"]) == 1 and r["blas"] == [1]
+
+
+@pytest.mark.mpi
+@two_cpus
+def test_mpiexec_unbound_ranks_share_the_cpus():
+    reports = probe([MPIEXEC, "-n", 2], mpi=True)
+    share = max(1, len(ALLOWED) // 2)
+    assert [r["blas"] for r in reports] == [[share], [share]]
+    assert {r["describe"] for r in reports} == {f"{share} BLAS thread{'s' * (share > 1)} a rank (2 ranks share {len(ALLOWED)} CPUs)"}
+
+
+@pytest.mark.mpi
+@two_cpus
+def test_mpiexec_partial_overlap_shares_the_union():
+    """Rank 0 may use CPUs {a, b}, rank 1 only {b}: one group of 2 ranks over 2 CPUs, 1 thread each
+    (rank 0 alone would take 2 and spin on rank 1's CPU)."""
+    a, b = ALLOWED[:2]
+    reports = probe([MPIEXEC, "-n", 2, "-bind-to", f"user:{a}+{b},{b}"], mpi=True)
+    assert sorted(r["allowed"] for r in reports) == [[a, b], [b]]
+    assert [r["blas"] for r in reports] == [[1], [1]]
