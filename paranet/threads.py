@@ -19,8 +19,12 @@ The rule, in order (``decide``):
    {0,1,2,3} and {3}: one group of 2 ranks over 4 CPUs, 2 threads and 1 (its own CPU count).
    Within a group the threads never exceed its CPUs in total.
 
-``configure`` gathers the sets of the ranks on this machine through a callable it is given (this
-module never imports mpi4py), decides, and applies the count with threadpoolctl.
+``configure`` gathers the sets of the ranks through a callable it is given (this module never
+imports mpi4py), keeps those of the ranks that run on the same kernel as this one (same
+``/proc/sys/kernel/random/boot_id``), decides, and applies the count with threadpoolctl. The
+kernel, not MPI's idea of a machine, is what says which ranks compete for the same CPUs: ranks
+in two network namespaces or two containers of one host are two "hosts" to MPI but share cores.
+So the gather may span the machine's ranks or the whole world.
 """
 import os
 from dataclasses import dataclass
@@ -57,6 +61,16 @@ def allowed_cpus():
         return frozenset(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows: no affinity call
         return frozenset(range(os.cpu_count() or 1))
+
+
+def machine_id():
+    """What tells this kernel from another's: its boot id (the host name where /proc lacks it)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        import socket
+        return socket.gethostname()
 
 
 def _parse_count(name, value):
@@ -133,9 +147,10 @@ def configure(*, gather=None, threads=None, environ=None):
     """Decide this rank's BLAS threads with the ranks on this machine, and apply it.
 
     Args:
-        gather: a callable that allgathers one Python object over the ranks sharing this machine
-            and returns the list (``node_comm.allgather``); None: this process alone. Every rank
-            of the machine must call ``configure`` (it is collective), whatever its settings.
+        gather: a callable that allgathers one Python object over the ranks and returns the list
+            (``node_comm.allgather`` for the machine's ranks, or ``comm.allgather`` for all: only
+            those on this kernel count); None: this process alone. Every rank the gather spans
+            must call ``configure`` (it is collective), whatever its settings.
         threads: an explicit count (``--threads N``), or None.
         environ: as in ``decide`` (default ``os.environ``).
     Returns:
@@ -148,8 +163,9 @@ def configure(*, gather=None, threads=None, environ=None):
     import numpy  # noqa: F401  (loads the BLAS library, so that threadpoolctl finds it)
     from threadpoolctl import threadpool_limits
 
-    own = allowed_cpus()
-    peers = [own] if gather is None else [frozenset(p) for p in gather(sorted(own))]
+    own, here = allowed_cpus(), machine_id()
+    everyone = [(here, sorted(own))] if gather is None else gather((here, sorted(own)))
+    peers = [frozenset(cpus) for machine, cpus in everyone if machine == here]
     decision = decide(threads=threads, environ=environ, allowed=own, peers=peers)
     if decision.source != "environment":
         threadpool_limits(limits=decision.count)

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from launch import MPIEXEC, REPO
-from paranet.threads import THREAD_VARIABLES, ThreadDecision, ThreadSettingError, configure, decide
+from paranet.threads import THREAD_VARIABLES, ThreadDecision, ThreadSettingError, configure, decide, machine_id
 
 NO_VARS = {}  # an environment without any thread variable
 ALLOWED = sorted(os.sched_getaffinity(0))
@@ -150,15 +150,24 @@ def test_configure_gathers_the_cpu_set_and_applies_the_share(blas_restored):
         return [obj] * 3
 
     d = configure(gather=gather, environ=NO_VARS)
-    assert sent == [ALLOWED]  # one collective call, with this rank's CPUs
+    assert sent == [(machine_id(), ALLOWED)]  # one collective call, with this rank's kernel and CPUs
     assert d.count == max(1, len(ALLOWED) // 3)
     assert _blas_threads(threadpool_info()) == [d.count]
+
+
+def test_configure_counts_only_the_ranks_on_this_kernel(blas_restored):
+    """Ranks on other machines (another boot id) use other CPUs, whatever their numbers."""
+    from threadpoolctl import threadpool_info
+    elsewhere = [("another-machine", ALLOWED)] * 3
+    d = configure(gather=lambda obj: [obj, *elsewhere], environ=NO_VARS)
+    assert d.describe() == f"{len(ALLOWED)} BLAS thread{'s' * (len(ALLOWED) > 1)} a rank ({len(ALLOWED)} CPU{'s' * (len(ALLOWED) > 1)} allowed)"
+    assert _blas_threads(threadpool_info()) == [len(ALLOWED)]
 
 
 def test_configure_leaves_the_library_alone_where_a_variable_decides(blas_restored):
     from threadpoolctl import threadpool_info, threadpool_limits
     threadpool_limits(limits=1)
-    d = configure(environ={"OMP_NUM_THREADS": "1"}, gather=lambda obj: [obj] * 1)
+    d = configure(environ={"OMP_NUM_THREADS": "1"}, gather=lambda obj: [obj])
     assert d.describe() == "1 BLAS thread a rank (OMP_NUM_THREADS=1)"
     assert _blas_threads(threadpool_info()) == [1]
 
@@ -167,7 +176,7 @@ def test_threads_module_never_imports_mpi4py():
     tree = ast.parse((REPO / "paranet" / "threads.py").read_text())
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert "mpi4py" not in imported and imported <= {"os", "dataclasses", "numpy", "threadpoolctl"}
+    assert "mpi4py" not in imported and imported <= {"os", "dataclasses", "numpy", "socket", "threadpoolctl"}
 
 
 # ---- real processes -----------------------------------------------------------------------------
@@ -295,3 +304,45 @@ def test_mpiexec_partial_overlap_shares_the_union():
     reports = probe([MPIEXEC, "-n", 2, "-bind-to", f"user:{a}+{b},{b}"], mpi=True)
     assert sorted(r["allowed"] for r in reports) == [[a, b], [b]]
     assert [r["blas"] for r in reports] == [[1], [1]]
+
+
+# Inside each rank of a two-"host" run: the gather spans the world; how many ranks MPI puts on
+# this rank's machine, and what configure decided.
+WORLD_PROBE = """
+import json, threadpoolctl
+from mpi4py import MPI
+from paranet.threads import configure
+d = configure(gather=MPI.COMM_WORLD.allgather)
+blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+local = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
+print("PROBE " + json.dumps({"local_size": local, "describe": d.describe(), "blas": blas}), flush=True)
+"""
+
+
+@pytest.mark.netns
+@pytest.mark.mpi
+@two_cpus
+def test_two_namespaces_on_one_kernel_share_its_cpus(tmp_path):
+    """Two network namespaces are two machines to MPI (one local rank each) but one kernel with the
+    same cores: gathered over the world, the ranks see each other and run 1 thread each on 2 CPUs,
+    not 2 each (the two-host test's slowness)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from cluster import require
+    from cluster.netns import TwoHosts, missing_requirement
+
+    reason = missing_requirement()
+    require(reason is None, reason)
+    hosts = TwoHosts(addrs=("10.232.0.1", "10.232.0.2"), tag=f"t{os.getpid()}").create()
+    try:
+        hostfile = tmp_path / "hosts"
+        hostfile.write_text("".join(f"{a}:1\n" for a in hosts.addrs))
+        cmd = hosts.command(0, [MPIEXEC, "-n", 2, "-f", hostfile, sys.executable, "-c", WORLD_PROBE])
+        p = subprocess.run(cmd, cwd=REPO, env=hosts.env(child_env()), capture_output=True, text=True, timeout=60)
+    finally:
+        hosts.delete()
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
+    reports = [json.loads(part.split("\n", 1)[0]) for part in p.stdout.split("PROBE ")[1:]]
+    assert [r["local_size"] for r in reports] == [1, 1]  # MPI: one rank on each of two machines
+    share = max(1, len(ALLOWED) // 2)
+    assert [r["blas"] for r in reports] == [[share], [share]]
+    assert {r["describe"] for r in reports} == {f"{share} BLAS thread{'s' * (share > 1)} a rank (2 ranks share {len(ALLOWED)} CPUs)"}
