@@ -5,7 +5,7 @@ you). Every rank builds the same 784-128-10 float32 MLP three ways and trains it
 on the same synthetic data:
 
 - ``engine``: ``Session(check_finite=False).run(model.loss, feed, need_grad=True)`` then
-  ``DistributedOptimizer(GradientDescentOptimizer).apply_gradients(params, n, loss * n, 0, False,
+  ``DistributedOptimizer(GradientDescentOptimizer).reduce_and_apply(params, n, loss * n, 0, False,
   total=N)``, exactly as the trainer calls them, with the trainer's default ``--allreduce auto``
   (the shared-memory sum when several ranks share the machine);
 - ``engine_mpi``: the same, its gradients summed by MPI_Allreduce like the baseline's, so that
@@ -65,7 +65,7 @@ class Engine:
 
     def __init__(self, world, lr, seed=0, name="engine"):
         self.world, self.name = world, name
-        self.model = mlp(np.random.default_rng(seed))
+        self.model = mlp(rng=np.random.default_rng(seed))
         # as the trainer runs it: its uint8-sourced feeds skip the NaN/inf pass
         self.session = Session(np.float32, check_finite=False)
         self.params = self.session.parameters(self.model.loss)
@@ -82,7 +82,7 @@ class Engine:
         n = x.shape[0]
         loss = self.session.run(m.loss, {m.x: x, m.y: y}, need_grad=True)
         # as the trainer calls it: the reader tells every rank the global batch size
-        self.opt.apply_gradients(self.params, n, loss * n, 0, False, total=n * self.world.size)
+        self.opt.reduce_and_apply(self.params, n, loss * n, 0, False, total=n * self.world.size)
         return loss
 
     def flat(self):
@@ -479,7 +479,7 @@ def build(args, world):
     engine = Engine(world, args.lr)
     values = engine.initial_values()
     contenders = [engine, Baseline(values, n_local, args.lr, comm)]
-    if world.allreduce == "shm":  # the engine's own overhead, measured with the baseline's reduction
+    if world.allreduce_method == "shm":  # the engine's own overhead, measured with the baseline's reduction
         contenders.append(Engine(World(comm, allreduce="mpi"), args.lr, name="engine_mpi"))
     torch_batches = None
     if args.torch == "auto" and torch_available():
@@ -522,7 +522,7 @@ def measure(args, world):
     timed.append(("gemm", gemms.step, [()], args.steps))
     ar_calls = max(50, args.steps)
     timed.append(("allreduce", allreduce.step, [()], ar_calls))
-    if world.allreduce == "shm":
+    if world.allreduce_method == "shm":
         timed.append(("shm_allreduce", ShmAllreduceOnly(comm, n_grad).step, [()], ar_calls))
     for name, step, data, _ in timed:  # warm-up: allocations, BLAS, DDP buckets, MPI connections
         timed_segment(comm, step, data, args.warmup)

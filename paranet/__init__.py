@@ -5,7 +5,13 @@
     h = pn.nn.FullConnection(xs, pn.Variable(W), pn.Variable(b), pn.softmax)
     loss = pn.SoftmaxCrossEntropy(h, ys)
     pn.Session().run(pn.train.GradientDescentOptimizer(0.1, loss), {xs: X, ys: Y})
+
+Data parallelism (``pn.distributed.init()``, ``pn.DistributedOptimizer``), the training loop
+(``pn.Trainer``, ``pn.fit``, ``pn.callbacks``) and the data layer (``pn.data``) load on first
+use, so ``import paranet`` needs neither mpi4py nor h5py.
 """
+import importlib
+
 from . import nn, train
 from .activations import Line, relu, sigmoid, softmax
 from .graph import GraphError, Node, Parameters, Session, Variable, placeholder
@@ -13,8 +19,31 @@ from .losses import MeanSquareLoss, SoftmaxCrossEntropy
 from .ops import add, cos, exp, log, matmul, sin, square
 
 __version__ = "0.1.0"
+
+# name -> (module, attribute or None for the module itself), imported on first use
+_LAZY = {
+    "distributed": ("paranet.distributed", None),
+    "DistributedOptimizer": ("paranet.distributed", "DistributedOptimizer"),
+    "init": ("paranet.distributed", "init"),
+    "data": ("paranet.data", None),
+    "callbacks": ("paranet.callbacks", None),
+    "models": ("paranet.models", None),
+    "Model": ("paranet.models", "Model"),
+    "Trainer": ("paranet.trainer", "Trainer"),
+    "fit": ("paranet.trainer", "fit"),
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'paranet' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
+
+
 __all__ = [
-    "GraphError", "Line", "MeanSquareLoss", "Node", "Parameters", "Session", "SoftmaxCrossEntropy",
-    "Variable", "add", "cos", "exp", "log", "matmul", "nn", "placeholder", "relu", "sigmoid",
-    "sin", "softmax", "square", "train",
+    "DistributedOptimizer", "GraphError", "Line", "MeanSquareLoss", "Model", "Node", "Parameters", "Session",
+    "SoftmaxCrossEntropy", "Trainer", "Variable", "add", "callbacks", "cos", "data", "distributed", "exp", "fit",
+    "init", "log", "matmul", "models", "nn", "placeholder", "relu", "sigmoid", "sin", "softmax", "square", "train",
 ]

@@ -15,6 +15,7 @@ import time
 import traceback
 import warnings
 from time import perf_counter as _now
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,35 +43,66 @@ class World:
         if allreduce not in ALLREDUCE_CHOICES:
             raise ValueError(f"allreduce: expected one of {', '.join(ALLREDUCE_CHOICES)}, got {allreduce!r}")
         self._shm = None
-        self.allreduce = "mpi"
+        self.allreduce_method = "mpi"
         self.nodes = 1
+        self.blas = None  # the ThreadDecision init() made for this rank (paranet.threads)
         if MPI is None:
             if not _warned_no_mpi:
                 warnings.warn("mpi4py is not installed: running single-process", stacklevel=2)
                 _warned_no_mpi = True
             self.comm, self.rank, self.size = None, 0, 1
             self.library = "none (mpi4py not installed)"
-            self.local_size = 1
+            self.local_rank, self.local_size, self.node_comm = 0, 1, None
             return
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.library = " ".join(MPI.Get_library_version().strip().splitlines()[0].split())
-        self.local_size = 1  # ranks sharing this machine, and so its cores
+        # the ranks sharing this machine, and so its cores and memory
+        self.node_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED) if self.size > 1 else None
+        self.local_rank = self.node_comm.Get_rank() if self.node_comm is not None else 0
+        self.local_size = self.node_comm.Get_size() if self.node_comm is not None else 1
         if self.size > 1:
-            node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-            self.local_size = node.Get_size()
-            node.Free()
             sizes = set(self.comm.allgather(self.local_size))
             self.nodes = self.size // self.local_size if len(sizes) == 1 else None
             even = len(sizes) == 1 and self.local_size > 1
             if allreduce == "shm" and not even:
                 raise ValueError(f"--allreduce shm needs the same number (> 1) of ranks on every machine; "
                                  f"ranks per machine here: {sorted(sizes)}")
-            self.allreduce = "shm" if allreduce == "shm" or (allreduce == "auto" and even) else "mpi"
+            self.allreduce_method = "shm" if allreduce == "shm" or (allreduce == "auto" and even) else "mpi"
+
+    def __repr__(self):
+        return f"<World rank {self.rank} of {self.size}, local {self.local_rank} of {self.local_size}>"
 
     @property
     def distributed(self):
         return self.size > 1
+
+    # -- for users' own scripts and metrics ------------------------------------------------
+
+    def shard(self, array):
+        """This rank's rows of a global batch: ``numpy.array_split(array, size)[rank]``, the
+        reader's rule (sizes differ by at most one, lower ranks take the extra rows). A rank
+        may get zero rows; it still joins every collective."""
+        array = np.asarray(array)
+        base, extra = divmod(len(array), self.size)
+        begin = self.rank * base + min(self.rank, extra)
+        return array[begin:begin + base + (self.rank < extra)]
+
+    def allreduce(self, x):
+        """The sum of ``x`` (a number or an array) over all ranks, as a new value of its type."""
+        arr = np.array(x)  # a copy: the caller's array is left as it was
+        if arr.dtype == object or arr.dtype.kind not in "biuf":
+            raise TypeError(f"World.allreduce: expected a number or a numeric array, got {type(x).__name__}")
+        if arr.dtype.kind == "b":
+            arr = arr.astype(np.int64)
+        if self.distributed:
+            self.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+        return arr.item() if arr.ndim == 0 else arr
+
+    def mean(self, x):
+        """The mean of ``x`` (a number or an array) over all ranks."""
+        total = self.allreduce(x)
+        return total / self.size
 
     def allreduce_sum(self, buf):
         """Sum ``buf`` in place over all ranks."""
@@ -98,7 +130,7 @@ class World:
         (the gradients): in memory shared by the ranks of each machine when ``allreduce`` is
         "shm" (the first buffer asked for), else a plain array. Collective: every rank calls it."""
         like = np.asarray(like)
-        if self.allreduce != "shm" or self._shm is not None:  # a world shares one buffer; others go by MPI
+        if self.allreduce_method != "shm" or self._shm is not None:  # a world shares one buffer; others go by MPI
             return np.zeros_like(like)
         self._shm = SharedMemoryAllreduce(self.comm, like.size, like.dtype)
         return self._shm.buffer
@@ -107,17 +139,21 @@ class World:
         """One line for the log: how gradients are summed."""
         if not self.distributed:
             return "one process: nothing to reduce"
-        if self.allreduce == "shm":
+        if self.allreduce_method == "shm":
             where = (f"{self.nodes} machines x {self.local_size} ranks" if self.nodes > 1
                      else f"{self.local_size} ranks on one machine")
             return f"gradients summed in shared memory ({where})"
         return "gradients summed by MPI_Allreduce"
 
     def close(self):
-        """Free the shared buffer (collective); safe to call more than once."""
+        """Free the shared buffer and the machine's communicator (collective); safe to call
+        more than once."""
         if self._shm is not None:
             self._shm.close()
             self._shm = None
+        if self.node_comm is not None:
+            self.node_comm.Free()
+            self.node_comm = None
 
     def broadcast(self, buf, root=0):
         """Overwrite ``buf`` on every rank with root's ``buf``."""
@@ -140,6 +176,47 @@ class World:
         if self.distributed:
             self.comm.Abort(code)
         os._exit(code)
+
+
+_default = None  # the World that init() made
+
+
+def init(allreduce="auto", threads=None, comm=None, quiet=()):
+    """Start paranet's data parallelism in this process and return the World, as ``hvd.init()``.
+
+    Works under any MPI launcher (``mpirun -n P``, ``srun``) and without one or without
+    mpi4py (a world of size 1). It also:
+
+    * decides this rank's BLAS threads once (``paranet.threads``): an explicit ``threads`` or
+      OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS wins; otherwise the CPUs this
+      rank may use (its affinity), shared with the ranks of the machine whose CPUs overlap;
+    * installs the abort hook: an uncaught exception on one rank ends the whole job instead of
+      leaving the others waiting in a collective.
+
+    Args:
+        allreduce: how gradients are summed: "auto", "shm" (memory shared by the ranks of a
+            machine) or "mpi" (MPI_Allreduce).
+        threads: BLAS threads per rank; None decides as above.
+        comm: the communicator (default MPI.COMM_WORLD).
+        quiet: exception types the abort hook reports in one line instead of a traceback.
+    Returns:
+        the World (``.rank``, ``.size``, ``.local_rank``, ``.local_size``, ``.shard``,
+        ``.allreduce``, ``.mean``); ``DistributedOptimizer`` uses it by default.
+    """
+    global _default
+    world = World(comm=comm, allreduce=allreduce)
+    install_abort_hook(world, quiet=quiet)
+    from . import threads as _threads
+
+    gather = world.node_comm.allgather if world.node_comm is not None else None
+    world.blas = _threads.configure(gather=gather, threads=threads)
+    _default = world
+    return world
+
+
+def default_world():
+    """The World that ``init()`` made; made now (``init()``) when there is none yet."""
+    return _default if _default is not None else init()
 
 
 class SharedMemoryAllreduce:
@@ -257,55 +334,109 @@ def replicas_agree(params, world):
     return len(set(digests)) == 1
 
 
-class DistributedOptimizer:
-    """Wraps an optimizer so that its update uses the gradient averaged over all ranks.
+class StepSums(NamedTuple):
+    """One step's totals over all ranks (the gradient sum's tail)."""
 
-    Each rank's gradient is the mean over its own samples, so it is weighted by its share of
-    the global batch before the sum; the count, the loss sum, the number of correct
-    predictions and a stop flag travel in the spare tail of the same buffer. The update then
-    uses the exact mean over the global batch, whatever the split.
+    count: float  # samples in the global batch
+    loss_sum: float  # sum over those samples of the loss
+    correct: float  # correct predictions among them
+    stop: float  # the ranks' stop requests, summed (0: nobody asked to stop)
+
+
+class DistributedOptimizer:
+    """Wraps any optimizer so that its update uses the gradient averaged over all ranks.
+
+    ``sess.run(DistributedOptimizer(opt), feed)`` on this rank's shard of a global batch runs
+    forward and backward, sums the ranks' gradients (weighted by each rank's share of the
+    batch, so the mean is exact for uneven shards, and a rank with zero rows joins with weight
+    zero), applies the wrapped optimizer's update, and returns the global mean loss. On the
+    first run it broadcasts rank 0's parameters and optimizer state, so every replica starts
+    from the same point.
+
+    Args:
+        optimizer: any paranet optimizer (``GradientDescentOptimizer``, ``AdamOptimizer`` ...).
+        world: the World to sum over; default: the one ``init()`` made (made on first use).
+        reproducible: the same bits at any number of ranks (see ``paranet.reproducible``).
     """
 
-    def __init__(self, optimizer, world):
+    def __init__(self, optimizer, world=None, reproducible=False):
+        if isinstance(optimizer, DistributedOptimizer):
+            raise TypeError("DistributedOptimizer: the optimizer is already distributed")
+        if not hasattr(optimizer, "apply_gradients") or not hasattr(optimizer, "loss"):
+            raise TypeError(f"DistributedOptimizer: expected a paranet optimizer, got {optimizer!r}")
         self.optimizer = optimizer
-        self.world = world
+        self.world = world if world is not None else default_world()
+        self.reproducible = bool(reproducible)
         self.loss = optimizer.loss
-        self.comm_seconds = 0.0  # time spent in the Allreduce, for the comm share
+        self.comm_seconds = 0.0  # time spent in the gradient sum, for the comm share
         self.timeline = None  # a paranet.timeline.Timeline to record allreduce and update spans on
         self.grad_scale = 1.0  # params.grads * grad_scale is the mean gradient of the last step
-        self._params = None  # the Parameters whose gradient storage the world reduces
+        self.last = None  # the StepSums of the last step
         self.last_sum = None  # the weighted gradient sum of the last step (valid until the next)
+        self._params = None  # the Parameters whose gradient storage the world reduces
+        self._synced = None  # the Parameters last made equal to rank 0's
         self._views = {}  # id(array) -> (array, its gradient part, its tail), see _split
 
-    def apply_gradients(self, params, count=None, loss_sum=None, correct=0, stop=False, total=None):
-        """Sum the ranks' gradients in one Allreduce and apply the wrapped optimizer's update
-        with the exact global mean.
+    @property
+    def learning_rate(self):
+        return self.optimizer.learning_rate
 
-        Rank i holds the mean gradient g_i of its n_i samples; the global mean is
-        sum(n_i g_i) / N. With ``total`` (N) known, each rank weights g_i by n_i P / N, a pass
-        it skips when its share is the even one, N / P; the remaining 1 / P is folded into the
-        update. Without it, g_i is weighted by n_i and the update scaled by 1 / (sum n_i).
-        The wrapped optimizer reads the weighted sum where the world left it (``params.grads``
-        after an MPI_Allreduce, shared memory after the shared-memory sum; ``last_sum`` after
-        the step), and ``grad_scale`` is the factor that makes it the mean.
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self.optimizer.learning_rate = value
+
+    # -- Session.run's protocol: prepare() before forward, apply_gradients() after backward --
+
+    def prepare(self, params):
+        """Before a run's forward: on the first run, every rank takes rank 0's parameters and
+        optimizer state."""
+        if params is not self._synced:
+            self.broadcast_state(params)
+
+    def apply_gradients(self, params):
+        """After backward on this rank's shard: sum, update; returns the global mean loss."""
+        count = self.loss.root.value.shape[0] if self.loss.root is not None else 1
+        sums = self.reduce_and_apply(params, count, float(self.loss.value) * count)
+        return sums.loss_sum / sums.count if sums.count else 0.0
+
+    # -- the step --------------------------------------------------------------------------
+
+    def broadcast_state(self, params, root=0):
+        """Make every rank hold root's parameter values and optimizer state (collective)."""
+        self.world.broadcast(params.values, root)
+        state = self.world.bcast_object(self.optimizer.state_dict() if self.world.rank == root else None, root)
+        if self.world.rank != root:
+            self.optimizer.load_state_dict(state)
+        self._synced = params
+
+    def reduce_and_apply(self, params, count, loss_sum, correct=0, stop=False, total=None):
+        """Sum the ranks' gradients in one reduction and apply the wrapped optimizer's update
+        with the exact global mean; returns the step's StepSums over all ranks.
+
+        Rank i holds the mean gradient g_i of its n_i samples (zero when n_i = 0); the global
+        mean is sum(n_i g_i) / N. With ``total`` (N) known, each rank weights g_i by
+        n_i P / N, a pass it skips when its share is the even one, N / P; the remaining 1 / P
+        is folded into the update. Without it, g_i is weighted by n_i and the update scaled by
+        1 / (sum n_i). The wrapped optimizer reads the weighted sum where the world left it
+        (``params.grads`` after an MPI_Allreduce, shared memory after the shared-memory sum;
+        ``last_sum`` after the step), and ``grad_scale`` is the factor that makes it the mean.
 
         Args:
-            count: this rank's samples in the step (default: the batch fed to the loss).
+            count: this rank's samples in the step (0 is allowed: it joins with weight zero).
             loss_sum, correct: this rank's summed loss and correct predictions, reduced along.
-            stop: this rank's request to stop after this step (SIGTERM).
+            stop: this rank's request to stop after this step (a number; the trainer sends 1 for
+                SIGTERM), summed over the ranks like the rest.
             total: the global batch's sample count N, when the caller knows it (the reader does).
-        Returns:
-            the global (count, loss_sum, correct, stop) of the step.
         """
-        if count is None:
-            count = self.loss.root.value.shape[0]
-        if loss_sum is None:
-            loss_sum = float(self.loss.value) * count
         if params is not self._params:  # first step: the gradients move to the buffer the world reduces
             params.use_grad_storage(self.world.shared_buffer(params.grad_storage))
             self._params, self._views = params, {}
+        if params is not self._synced and self._synced is None:
+            self._synced = params  # a caller driving the step itself (the trainer) synced it already
         buf = params.grad_storage
         size = self.world.size
+        if count == 0:
+            params.grads[...] = 0  # no samples: whatever backward left there must not count
         weight = count if total is None else count * size / total
         if size > 1 and weight != 1:
             params.grads *= weight
@@ -328,7 +459,8 @@ class DistributedOptimizer:
         self.optimizer.apply_gradients(params, self.grad_scale, grads=self.last_sum)
         if self.timeline is not None:
             self.timeline.add("update", t1, _now())
-        return reduced, loss_total, correct_total, stop_total > 0
+        self.last = StepSums(reduced, loss_total, correct_total, stop_total)
+        return self.last
 
     def _split(self, arr, n):
         """(arr[:n], arr[n:]), sliced once per array: the same one or two arrays (the gradient

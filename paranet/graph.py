@@ -7,6 +7,7 @@ topological walk over ``last`` pointers from the node it is asked for, and backw
 same order in reverse, accumulating gradients where a node feeds several consumers.
 """
 import hashlib
+import itertools
 
 import numpy as np
 
@@ -94,8 +95,10 @@ class Node:
 class Placeholder(Node):
     """An input fed through ``feed_dict``; ``None`` in its shape accepts any size."""
 
+    _unnamed = itertools.count(1)  # default names: placeholder_1, placeholder_2, ...
+
     def __init__(self, shape, name=None):
-        super().__init__(name=name or "placeholder")
+        super().__init__(name=name or f"placeholder_{next(Placeholder._unnamed)}")
         self.shape = tuple(shape)
         self.root = self
 
@@ -235,6 +238,11 @@ class Parameters:
         return Parameters(variables, dtype)
 
 
+def _copy_out(value):
+    """A fetched value for the caller: ops reuse their output arrays from run to run."""
+    return float(value) if np.ndim(value) == 0 else np.array(value)
+
+
 def topological_order(node):
     """Ancestors of ``node`` (itself included), inputs before consumers, by walking ``last``."""
     order, seen = [], set()
@@ -327,23 +335,51 @@ class Session:
     def run(self, fetch, feed_dict=None, need_grad=False):
         """Evaluate ``fetch`` and return its value.
 
-        ``fetch`` is a node, or an optimizer, which runs forward, backward and one update and
-        returns the loss. With ``need_grad=True`` the gradient of the (scalar) node with
-        respect to every trainable Variable is left in ``Variable.grad``.
+        ``fetch`` is a node; or an optimizer, which runs forward, backward and one update and
+        returns the loss (a distributed optimizer returns the mean loss over all ranks); or a
+        list of them, evaluated in one call against the same parameters (those before the
+        update), returning a list. With ``need_grad=True`` the gradient of the (scalar) node
+        with respect to every trainable Variable is left in ``Variable.grad``.
+
+        An optimizer may define ``prepare(params)``, called before forward (the distributed
+        one broadcasts rank 0's parameters on its first run), and its ``apply_gradients``
+        may return the loss to report instead of the node's value.
         """
+        if isinstance(fetch, (list, tuple)):
+            return self._run_list(list(fetch), feed_dict, need_grad)
         step = getattr(fetch, "apply_gradients", None)
         node = fetch.loss if step is not None else fetch
         if not isinstance(node, Node):
-            raise GraphError(f"Session.run: expected a node or an optimizer, got {fetch!r}")
+            raise GraphError(f"Session.run: expected a node, an optimizer or a list of them, got {fetch!r}")
         plan = self.plan(node)
+        prepare = getattr(fetch, "prepare", None) if step is not None else None
+        if prepare is not None and plan.params is not None:
+            prepare(plan.params)
         self.forward(plan, feed_dict or {})
         if step is not None or need_grad:
             self.backward(plan)
         if step is not None:
-            step(plan.params)
-        value = node.value
-        # ops reuse their output arrays from run to run: hand the caller its own copy
-        return float(value) if np.ndim(value) == 0 else np.array(value)
+            reported = step(plan.params)
+            if reported is not None:
+                return float(reported)
+        return _copy_out(node.value)
+
+    def _run_list(self, fetches, feed_dict, need_grad):
+        """Session.run of a list: nodes outside the optimizer's graph first, then the step."""
+        steps = [f for f in fetches if hasattr(f, "apply_gradients")]
+        if len(steps) > 1:
+            raise GraphError(f"Session.run: expected at most one optimizer in a list of fetches, got {len(steps)}")
+        covered = {id(n) for n in self.plan(steps[0].loss).order} if steps else set()
+        results = {}
+        for f in fetches:  # forward before the update: every fetch sees the same parameters
+            if f not in steps and id(f) not in covered:
+                results[id(f)] = self.run(f, feed_dict, need_grad=need_grad and not steps)
+        if steps:
+            results[id(steps[0])] = self.run(steps[0], feed_dict)
+            for f in fetches:
+                if id(f) in covered:  # computed by the step's forward, before its update
+                    results[id(f)] = _copy_out(f.value)
+        return [results[id(f)] for f in fetches]
 
     def forward(self, plan, feed_dict):
         """Feed the placeholders and evaluate every op of ``plan`` in order."""

@@ -26,12 +26,12 @@ class MeanSquareLoss(Loss):
     def forward(self, yhat, y):
         self.check(yhat, y)
         d = np.subtract(yhat, y, out=self.buffer("diff", yhat.shape, yhat.dtype))
-        return np.asarray(0.5 * np.vdot(d, d) / d.size, dtype=yhat.dtype)
+        return np.asarray(0.5 * np.vdot(d, d) / max(d.size, 1), dtype=yhat.dtype)  # 0 for an empty batch
 
     def backward(self, g, out):
         # d loss / d yhat = (yhat - y) / size;  d loss / d y = -(yhat - y) / size
         d = self._buffers["diff"]
-        scale = g / d.size
+        scale = g / max(d.size, 1)
         if out[0] is not None:
             np.multiply(d, scale, out=out[0])
         if out[1] is not None:
@@ -56,7 +56,7 @@ class SoftmaxCrossEntropy(Loss):
 
     def forward(self, x, y):
         self.check(x, y)
-        n = x.shape[0] if x.ndim > 1 else 1
+        n = max(x.shape[0], 1) if x.ndim > 1 else 1  # an empty batch: loss 0, gradient 0
         if self.fused:
             # log p = z - log(sum(exp(z))), z = x - max(x)
             logp = self.buffer("logp", x.shape, x.dtype)
@@ -74,7 +74,7 @@ class SoftmaxCrossEntropy(Loss):
 
     def backward(self, g, out):
         x, y = self.last[0].value, self.last[1].value
-        n = x.shape[0] if x.ndim > 1 else 1
+        n = max(x.shape[0], 1) if x.ndim > 1 else 1
         if out[0] is not None:
             if self.fused:
                 # d loss / d logits = (p - y) / n

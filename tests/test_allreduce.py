@@ -72,7 +72,7 @@ if size == 3:  # machines of unequal size cannot pair their slices: a clear erro
 
 # World: the shared buffer goes through shared memory, any other buffer through MPI_Allreduce
 world = World(allreduce="auto")
-assert world.allreduce == ("shm" if size > 1 else "mpi"), world.allreduce
+assert world.allreduce_method == ("shm" if size > 1 else "mpi"), world.allreduce_method
 g = world.shared_buffer(np.zeros(1000))
 assert world.shared_buffer(np.zeros(10)) is not None  # a second buffer: a plain one
 g[...] = rank + 1

@@ -57,7 +57,7 @@ def test_sgd_step_is_the_global_batch_mean(mnist_h5, tmp_path):
     # the initial weights, rebuilt the way the trainer builds them (seed 0)
     from paranet.models import mlp
 
-    m = mlp(np.random.default_rng(0))
+    m = mlp(rng=np.random.default_rng(0))
     names = {v.name: np.array(v.value, dtype=np.float64) for v in _variables(m)}
     with BatchReader(mnist_h5, "train", batch_size=100, seed=0, dtype=np.float64, prefetch=False) as r:
         batch = next(iter(r.epoch(0)))
@@ -166,7 +166,7 @@ def test_bad_flag_is_an_argparse_error_printed_once(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("--batch-size must be >= 1") == 1
     proc = run_train(None, "--model", "resnet", check=False)
-    assert proc.returncode == 2 and "invalid choice: 'resnet'" in proc.stderr
+    assert proc.returncode == 2 and "--model resnet: expected one of cnn, mlp" in proc.stderr
 
 
 @pytest.mark.parametrize("nprocs", [None, 2])

@@ -98,7 +98,7 @@ class Conv2DOp(Node):
             gt = self.buffer("gt", (O, Ho, Wo, N), g.dtype)  # gt: (O, Ho, Wo, N)
             np.copyto(gt, g.transpose(1, 2, 3, 0))
             dcol = self.buffer("dcol", (C, kh, kw, Ho, Wo, N), g.dtype)
-            np.matmul(K.reshape(O, -1).T, gt.reshape(O, -1), out=dcol.reshape(C * kh * kw, -1))
+            np.matmul(K.reshape(O, -1).T, gt.reshape(O, Ho * Wo * N), out=dcol.reshape(C * kh * kw, Ho * Wo * N))
             dxt = self.buffer("dxt", (C, H + 2 * ph, W + 2 * pw, N), g.dtype)
             dxt.fill(0)
             for u in range(kh):

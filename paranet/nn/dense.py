@@ -1,4 +1,6 @@
 """FullConnection: x @ W + b on inputs flattened per sample, then an activation."""
+import math
+
 import numpy as np
 
 from ..graph import GraphError, Node, _fmt_shape
@@ -19,16 +21,17 @@ class Dense(Node):
         self.shape = (x.shape[0] if x.shape else None, m)
 
     def forward(self, x, W, b):
-        x2 = x.reshape(x.shape[0], -1)  # x2: (n, k)
-        if x2.shape[1] != W.shape[0]:
-            raise GraphError(f"{self!r}: input has {x2.shape[1]} features per sample, weight {_fmt_shape(W.shape)} expects {W.shape[0]}")
+        k = math.prod(x.shape[1:])
+        if k != W.shape[0]:
+            raise GraphError(f"{self!r}: input has {k} features per sample, weight {_fmt_shape(W.shape)} expects {W.shape[0]}")
+        x2 = x.reshape(x.shape[0], k)  # x2: (n, k); n may be 0
         y = np.matmul(x2, W, out=self.buffer("out", (x2.shape[0], W.shape[1]), x.dtype))
         y += b
         return y  # y: (n, m)
 
     def backward(self, g, out):
         x, W = self.last[0].value, self.last[1].value
-        x2 = x.reshape(x.shape[0], -1)
+        x2 = x.reshape(x.shape[0], W.shape[0])
         # dx = g @ W.T (reshaped back), dW = x.T @ g, db = sum of g over the batch
         if out[0] is not None:
             np.matmul(g, W.T, out=out[0].reshape(x2.shape))

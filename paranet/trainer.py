@@ -1,0 +1,485 @@
+"""The training loop as a library: ``Trainer`` (and ``fit``) train a user's model on an HDF5 dataset,
+data-parallel over the ranks of a World; ``python -m paranet.train`` is one of its users.
+
+One step (``Trainer.step``): read this rank's shard of the global batch, forward and backward,
+one weighted sum of the gradients over the ranks, the same update on every rank. Around it the
+loop adds what a run needs: evaluation on the validation and test splits (each rank its shard,
+the sums reduced), checkpoints and ``--resume``, SIGTERM (every rank stops after the same step),
+the metrics JSON, the timeline, a progress bar and rank-0 logging, and callbacks
+(``paranet.callbacks``) at each step and epoch.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import checkpoint
+from .data import BatchReader, DataError
+from .files import atomic_path
+from .graph import Session
+from .models import Model, as_model
+from .timeline import NoTimeline, Timeline, write_trace
+
+
+CALLBACK_STOP = 1 << 20  # a callback's stop request in the step's stop slot (SIGTERMs count 1 each)
+
+
+class Stop(Exception):
+    """Training ends the same way on every rank (the condition was reduced across ranks);
+    ``code`` is the exit status a command line should return (0, 1 or 2)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` with ``optimizer``, data-parallel over ``world``.
+
+    Args:
+        model: a ``paranet.Model`` (input and label placeholders, output, loss).
+        data: an HDF5 file in paranet's format (``python -m paranet.data``), or a
+            ``BatchReader`` of the training split made for this rank (then ``val_data`` and
+            ``test_data`` are readers too, or None).
+        optimizer: any paranet optimizer; it is wrapped in a ``DistributedOptimizer``.
+        world: the World (default: the one ``paranet.distributed.init()`` made).
+        batch_size: the global batch, split over the ranks.
+        epochs: passes over the training split; ``max_steps`` stops earlier.
+        seed: the data order (with the epoch); the model's initial weights are the builder's.
+        dtype: the training dtype (the Session's).
+        eval_batch_size: the global batch of evaluation.
+        checkpoint: an HDF5 checkpoint written every epoch and at the end (None: none).
+        resume: continue from ``checkpoint`` when it exists.
+        metrics: a JSON file of results written by rank 0 at the end.
+        save_params: an .npz of the final parameters written by rank 0.
+        timeline: a Chrome/Perfetto trace of the first ``timeline_steps`` steps.
+        check_replicas: every N steps compare a parameter digest across ranks (0: off).
+        callbacks: ``paranet.callbacks.Callback`` objects, called on every rank in order.
+        progress: rank 0's tqdm bar (default: when stdout is a terminal).
+        verbose: rank 0 prints the header and a line per epoch.
+        prefetch: read the next batch in a background thread.
+        flags: a dict recorded in checkpoints and metrics (the command line's).
+        reproducible: passed to the DistributedOptimizer (bit-identical results at any P).
+    """
+
+    def __init__(self, model, data, optimizer, *, world=None, batch_size=128, epochs=1, seed=0,
+                 dtype=np.float32, eval_batch_size=1000, max_steps=None, checkpoint=None, resume=False,
+                 metrics=None, save_params=None, timeline=None, timeline_steps=200, check_replicas=0,
+                 callbacks=(), progress=None, verbose=True, prefetch=False, flags=None, plot=None,
+                 reproducible=False, val_data=None, test_data=None):
+        from .distributed import DistributedOptimizer, default_world
+
+        self.world = world if world is not None else default_world()
+        w = self.world
+        self.model = as_model(model)
+        self.data, self.val_data, self.test_data = data, val_data, test_data
+        self.batch_size, self.epochs, self.seed = int(batch_size), int(epochs), int(seed)
+        self.eval_batch_size, self.max_steps = int(eval_batch_size), max_steps
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self.resume_requested = bool(resume)
+        self.metrics_path = None if metrics is None else Path(metrics)
+        self.save_params_path = None if save_params is None else Path(save_params)
+        self.plot_path = None if plot is None else Path(plot)
+        self.timeline_path, self.timeline_steps = timeline, int(timeline_steps)
+        self.check_replicas = int(check_replicas)
+        self.callbacks = list(callbacks)
+        self.verbose = bool(verbose)
+        self.progress = (w.rank == 0 and sys.stdout.isatty()) if progress is None else (bool(progress) and w.rank == 0)
+        self.prefetch = bool(prefetch)
+        self.flags = dict(flags or {})
+        self.dtype = np.dtype(dtype)
+        self.log = print if (w.rank == 0 and self.verbose) else (lambda *a, **k: None)
+
+        self.session = Session(self.dtype, check_finite=True)
+        self.params = self.session.parameters(self.model.loss)
+        if isinstance(optimizer, DistributedOptimizer):
+            self.optimizer = optimizer
+        else:
+            self.optimizer = DistributedOptimizer(optimizer, w, reproducible=reproducible)
+        self.optimizer.broadcast_state(self.params)  # every replica starts from rank 0's weights
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.history = []
+        self.stop_training = False  # set by a callback: every rank stops (see Callback)
+        self.stop_requested = False  # SIGTERM: checkpoint and stop after the current step
+        self._stop_after_step = False  # a callback's request, travelling in the next step's sum
+        self.fault = _parse_fault(os.environ.get("PARANET_FAULT"), w.rank)
+        self.recording = Timeline(w.rank) if timeline else None
+        self.timeline = self.optimizer.timeline = self.recording or NoTimeline()
+        self.train_reader = self.val_reader = self.test_reader = None
+        for cb in self.callbacks:
+            cb.set_trainer(self)
+
+    # -- data --------------------------------------------------------------------------
+
+    def open_data(self):
+        """Open this rank's readers. Rank 0 first checks every split of a file, so that bad
+        data gives one error line, not one per rank (the others wait for its verdict)."""
+        w = self.world
+        if isinstance(self.data, BatchReader):
+            self.train_reader, self.val_reader, self.test_reader = self.data, self.val_data, self.test_data
+            return
+        path = Path(self.data)
+        error = None
+        if w.rank == 0:
+            try:
+                for split, bs in self._splits():
+                    if self._has_split(path, split):
+                        BatchReader(path, split, rank=0, size=w.size, batch_size=bs, prefetch=False).close()
+            except DataError as e:
+                error = str(e)
+        error = w.bcast_object(error)
+        if error:
+            raise Stop(f"paranet: error: {error}", 2)
+        common = dict(rank=w.rank, size=w.size, dtype=self.dtype)
+        eval_bs = max(self.eval_batch_size, w.size)
+        self.train_reader = BatchReader(path, "train", batch_size=self.batch_size, seed=self.seed,
+                                        prefetch=self.prefetch, **common)
+        self.val_reader = (BatchReader(path, "val", batch_size=eval_bs, shuffle=False, prefetch=False, **common)
+                           if self._has_split(path, "val") else None)
+        self.test_reader = (BatchReader(path, "test", batch_size=eval_bs, shuffle=False, prefetch=False, **common)
+                            if self._has_split(path, "test") else None)
+        # uint8 images scaled by finite constants are finite by construction: skip the per-feed
+        # NaN/inf pass (a diverging loss is caught after the gradient sum)
+        self.session.check_finite = np.dtype(getattr(self.train_reader, "feature_dtype", np.uint8)) != np.uint8
+
+    def _splits(self):
+        eval_bs = max(self.eval_batch_size, self.world.size)
+        return [("train", self.batch_size), ("val", eval_bs), ("test", eval_bs)]
+
+    @staticmethod
+    def _has_split(path, split):
+        """train is required; val and test are used when the file has them."""
+        if split == "train":
+            return True
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                return split in f and len(f[split].get("labels", ())) > 0
+        except (OSError, ValueError):
+            return True  # let the reader name what is wrong
+
+    @property
+    def steps_per_epoch(self):
+        return self.train_reader.steps_per_epoch
+
+    # -- one step ----------------------------------------------------------------------
+
+    def step(self, batch):
+        """Forward, backward and the averaged update on this rank's shard; returns StepSums
+        (global count, loss sum, correct count, stop) of the step."""
+        m, params, tl = self.model, self.params, self.timeline
+        if batch.n_local:
+            plan = self.session.plan(m.loss)
+            with tl.span("forward"):
+                self.session.forward(plan, {m.x: m.input(batch.x), m.y: batch.y})
+            with tl.span("backward"):
+                self.session.backward(plan)
+            correct = _correct(m.output.value, batch.y)
+            loss_sum = float(m.loss.value) * batch.n_local
+        else:  # a short last batch left this rank without samples: it joins with weight zero
+            loss_sum, correct = 0.0, 0
+        if self.fault and self.fault.get("step") == self.global_step:
+            _inject(self.fault, params)
+        # the stop slot of the sum: 1 per rank that got SIGTERM, CALLBACK_STOP per rank whose callbacks asked
+        stop = float(self.stop_requested) + CALLBACK_STOP * self._stop_after_step
+        return self.optimizer.reduce_and_apply(params, batch.n_local, loss_sum, correct, stop, total=batch.n_global)
+
+    def batches(self):
+        """This epoch's batches from the current step on, their reading timed on the timeline."""
+        it = iter(self.train_reader.epoch(self.epoch, self.step_in_epoch))
+        while True:
+            with self.timeline.span("read"):
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield batch
+
+    def evaluate(self, reader):
+        """(mean loss, accuracy) over a whole split, each rank evaluating its shard."""
+        m = self.model
+        sums = np.zeros(3)  # loss sum, correct, count
+        for batch in reader.epoch(0):
+            if batch.n_local:
+                loss = self.session.run(m.loss, {m.x: m.input(batch.x), m.y: batch.y})
+                sums += (loss * batch.n_local, _correct(m.output.value, batch.y), batch.n_local)
+        self.world.allreduce_sum(sums)
+        return sums[0] / sums[2], sums[1] / sums[2]
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def save_checkpoint(self):
+        if self.checkpoint is None:
+            return
+        if self.world.rank == 0:
+            checkpoint.save(
+                self.checkpoint, self.params, self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+                global_step=self.global_step, world_size=self.world.size, seed=self.seed, flags=self.flags,
+                history=self.history,
+            )
+        self.world.barrier()
+
+    def resume(self):
+        """Load the checkpoint on every rank (it lives on shared storage)."""
+        path = self.checkpoint
+        if path is None or not path.exists():
+            self.log(f"paranet: --resume: no checkpoint at {path} yet, starting fresh")
+            return
+        attrs = checkpoint.load(path, self.params, self.optimizer)
+        saved = attrs["flags"]
+        for flag in ("model", "batch_size", "seed", "dtype", "optimizer"):
+            if flag in self.flags and saved.get(flag) != self.flags[flag]:
+                raise checkpoint.CheckpointError(
+                    f"{path}: written with --{flag.replace('_', '-')} {saved.get(flag)}, this run has {self.flags[flag]}")
+        self.epoch, self.step_in_epoch, self.global_step = attrs["epoch"], attrs["step_in_epoch"], attrs["global_step"]
+        self.history = attrs["history"]
+        self.log(f"paranet: resumed from {path} at epoch {self.epoch + 1}, step {self.global_step} "
+                 f"(written by {attrs['world_size']} rank{'s' if attrs['world_size'] != 1 else ''})")
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def describe(self):
+        """The header rank 0 prints: world, data, model, optimizer and how the batch is split."""
+        w, r = self.world, self.train_reader
+        opt = self.optimizer.optimizer
+        blas = f"; {w.blas.describe()}" if getattr(w, "blas", None) is not None else ""
+        counts = f"{r.num_samples:,} train"
+        for name, reader in (("val", self.val_reader), ("test", self.test_reader)):
+            counts += f", {reader.num_samples:,} {name}" if reader is not None else f", no {name}"
+        shape = getattr(r, "sample_shape", None)
+        data = f"{self.data if not isinstance(self.data, BatchReader) else r.path} ({counts}"
+        data += f"; samples {_shape(shape)}, {r.num_classes} classes)" if shape is not None else ")"
+        return (f"paranet: world size {w.size}, {w.library}; {w.describe_allreduce()}{blas}\n"
+                f"  data   {data}\n"
+                f"  model  {self.model.name}, {self.params.size:,} parameters, {self.dtype.name}\n"
+                f"  train  {self.flags.get('optimizer') or type(opt).__name__} lr {opt.learning_rate:g}, global batch {self.batch_size} "
+                f"({self.batch_size // w.size}{'+' if self.batch_size % w.size else ''} per rank), "
+                f"{self.epochs} epochs of {r.steps_per_epoch} steps")
+
+    def fit(self):
+        """Train; returns the metrics dict (the same on every rank). Raises Stop when the run
+        ends early for a reason every rank agrees on (SIGTERM, bad data, divergence)."""
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            if self.train_reader is None:
+                self.open_data()
+            if self.resume_requested:
+                self.resume()
+            self.log(self.describe(), flush=True)
+            return self._loop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _loop(self):
+        w = self.world
+        steps_per_epoch = self.train_reader.steps_per_epoch
+        t_start = time.perf_counter()
+        samples_total, busy_total = 0, 0.0
+        comm_start = self.optimizer.comm_seconds
+        from .callbacks import Callback
+
+        begin_hooks = [cb for cb in self.callbacks if type(cb).on_step_begin is not Callback.on_step_begin]
+        end_hooks = [cb for cb in self.callbacks if type(cb).on_step_end is not Callback.on_step_end]
+        self._call("on_train_begin", {})
+        while self.epoch < self.epochs:
+            if self.step_in_epoch >= steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                continue
+            self._call("on_epoch_begin", self.epoch, {})
+            bar = self._bar(steps_per_epoch)
+            sums, comm0, t0 = np.zeros(3), self.optimizer.comm_seconds, time.perf_counter()
+            ended_early = False
+            for batch in self.batches():
+                for cb in begin_hooks:
+                    cb.on_step_begin(self.global_step, None)
+                count, loss_sum, correct, stop = self.step(batch)
+                self.global_step += 1
+                if self.recording is not None and self.global_step == self.timeline_steps:
+                    self.timeline = self.optimizer.timeline = NoTimeline()
+                self.step_in_epoch += 1
+                if not math.isfinite(loss_sum):
+                    raise Stop(f"paranet: non-finite training loss ({loss_sum / max(count, 1)}) at step "
+                               f"{self.global_step} (epoch {self.epoch + 1}); lower --lr", 1)
+                sums += (loss_sum, correct, count)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", refresh=False)
+                if self.check_replicas and self.global_step % self.check_replicas == 0:
+                    self._check_replicas()
+                if stop % CALLBACK_STOP >= 1:  # SIGTERM reached some rank
+                    self._close_bar(bar)
+                    self.save_checkpoint()
+                    raise Stop(f"paranet: stopped by SIGTERM after step {self.global_step}; "
+                               f"checkpoint saved to {self.checkpoint} (continue with --resume)", 0)
+                if stop:  # a callback's request, agreed through this step's sum
+                    ended_early = True
+                    break
+                if end_hooks:
+                    logs = {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "samples": count,
+                            "learning_rate": self.optimizer.learning_rate}
+                    for cb in end_hooks:
+                        cb.on_step_end(self.global_step, logs)
+                    self._stop_after_step = self.stop_training
+                if self.max_steps is not None and self.global_step >= self.max_steps:
+                    break
+            self._close_bar(bar)
+            seconds = time.perf_counter() - t0
+            comm = self.optimizer.comm_seconds - comm0
+            samples_total += sums[2]
+            busy_total += seconds
+            record = {
+                "epoch": self.epoch + 1, "steps": self.global_step, "train_loss": sums[0] / max(sums[2], 1),
+                "train_accuracy": sums[1] / max(sums[2], 1),
+                "samples_per_second": sums[2] / seconds if seconds else 0.0, "comm_share": comm / seconds if seconds else 0.0,
+            }
+            if self.val_reader is not None:
+                record["val_loss"], record["val_accuracy"] = self.evaluate(self.val_reader)
+            self.history.append(record)
+            val = (f"  val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:6.2f}%"
+                   if "val_loss" in record else "")
+            self.log(f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f}{val}  "
+                     f"{record['samples_per_second']:>9,.0f} samples/s  comm {100 * record['comm_share']:4.1f}%", flush=True)
+            if self.step_in_epoch >= steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self._call("on_epoch_end", record["epoch"] - 1, dict(record))
+            # a callback's stop at the end of an epoch: agreed by every rank before acting on it
+            self.stop_training = bool(w.allreduce(int(self.stop_training or ended_early)))
+            done = self.max_steps is not None and self.global_step >= self.max_steps
+            self.save_checkpoint()
+            if done or self.stop_training:
+                break
+        if self.check_replicas:
+            self._check_replicas()
+        test_loss = test_acc = None
+        if self.test_reader is not None:
+            test_loss, test_acc = self.evaluate(self.test_reader)
+        wall = time.perf_counter() - t_start
+        if test_loss is not None:
+            self.log(f"test loss {test_loss:.4f}  test accuracy {100 * test_acc:.2f}%  "
+                     f"({self.global_step} steps, {wall:.1f} s)", flush=True)
+        else:
+            self.log(f"done: {self.global_step} steps, {wall:.1f} s", flush=True)
+        if self.timeline_path:
+            events = w.gather_object(self.recording.events)
+            if w.rank == 0:
+                write_trace(self.timeline_path, events, w.size)
+        comm = self.optimizer.comm_seconds - comm_start
+        metrics = {
+            "completed": True, "test_accuracy": test_acc, "test_loss": test_loss, "history": self.history,
+            "samples_per_second": samples_total / busy_total if busy_total else 0.0, "wall_seconds": wall,
+            "comm_seconds": comm, "comm_share": comm / busy_total if busy_total else 0.0, "world_size": w.size,
+            "mpi_library": w.library, "steps": self.global_step, "parameters": int(self.params.size),
+            "flags": self.flags, "stopped_early": bool(self.stop_training),
+        }
+        if w.rank == 0:
+            if self.plot_path:
+                plot_curves(self.plot_path, self.history)
+            if self.metrics_path:
+                write_json_atomic(self.metrics_path, metrics)
+            if self.save_params_path:
+                save_params_npz(self.save_params_path, self.params)
+        self._call("on_train_end", metrics)
+        return metrics
+
+    def _call(self, hook, *args):
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    def _check_replicas(self):
+        from .distributed import replicas_agree
+
+        if not replicas_agree(self.params, self.world):
+            raise Stop(f"paranet: replicas diverged at step {self.global_step}: parameter checksums differ across ranks", 1)
+
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = True  # honoured after the current step, on every rank at once
+
+    def _bar(self, total):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                    leave=False, dynamic_ncols=True, file=sys.stdout)
+
+    @staticmethod
+    def _close_bar(bar):
+        if bar is not None:
+            bar.close()
+
+
+def fit(model, data, optimizer, **kwargs):
+    """Train ``model`` on ``data`` with ``optimizer``; ``Trainer(...).fit()`` in one call.
+
+    Returns the metrics dict (test loss and accuracy, per-epoch history, throughput)."""
+    return Trainer(model, data, optimizer, **kwargs).fit()
+
+
+def _shape(shape):
+    return "x".join(str(d) for d in shape) if shape else "scalars"
+
+
+def _correct(output, one_hot):
+    """How many rows of ``output`` put their maximum on the labelled class."""
+    return int(np.count_nonzero(output.argmax(axis=1) == one_hot.argmax(axis=1)))
+
+
+def write_json_atomic(path, obj):
+    checkpoint.atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def save_params_npz(path, params):
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **{name: var.value for name, var in params.named()})
+
+
+def plot_curves(path, history):
+    """Loss and accuracy per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax2.plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", label="train")
+    if history and "val_loss" in history[0]:
+        ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+        ax2.plot(epochs, [100 * h["val_accuracy"] for h in history], "o-", label="validation")
+    ax1.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def _parse_fault(spec, rank):
+    """Test hook: PARANET_FAULT='rank=R,step=S,kind=raise|perturb|sigterm' breaks rank R at step S."""
+    if not spec:
+        return None
+    fault = dict(part.split("=", 1) for part in spec.split(","))
+    if int(fault.get("rank", 0)) != rank:
+        return None
+    return {"step": int(fault.get("step", 0)), "kind": fault.get("kind", "raise")}
+
+
+def _inject(fault, params):
+    if fault["kind"] == "perturb":
+        params.values[0] += 1e-3  # this replica now differs from the others
+    elif fault["kind"] == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)  # this rank alone is signalled
+    else:
+        raise RuntimeError(f"injected fault at step {fault['step']} (PARANET_FAULT)")
+
+
+__all__ = ["Model", "Stop", "Trainer", "fit"]
