@@ -16,6 +16,8 @@
 #                    repository if it exists, else python3 on PATH)
 #   PARANET_MPIEXEC  the mpiexec to use (default: the one next to PARANET_PYTHON, which is the
 #                    mpich wheel's in the project venv, else mpiexec on PATH)
+# Everything is checked before mpiexec starts: a PARANET_PYTHON or PARANET_MPIEXEC that is not an
+# executable file, or a hostfile without hosts, is an error (exit 2), never silently replaced.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -34,15 +36,43 @@ while getopts ":n:f:h" opt; do
 done
 shift $((OPTIND - 1))
 [[ $ranks =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive rank count, not '$ranks'"
-if [[ -n $hostfile && ! -r $hostfile ]]; then die "hostfile $hostfile is not readable"; fi
+
+# Check everything before launching anything.
+program() {  # the executable file a name (looked up on PATH) or a path stands for, or fail
+    local p
+    p=$(command -v -- "$1" 2>/dev/null) || return 1
+    [[ -f $p && -x $p ]] && echo "$p"
+}
+trim() { local s=${1%%#*}; s=${s#"${s%%[![:space:]]*}"}; echo "${s%"${s##*[![:space:]]}"}"; }
+if [[ -n $hostfile ]]; then
+    [[ -f $hostfile && -r $hostfile ]] || die "hostfile $hostfile is not readable"
+    hosts=0 n=0
+    while IFS= read -r line || [[ -n $line ]]; do
+        n=$((n + 1))
+        line=$(trim "$line")
+        [[ -z $line ]] && continue
+        [[ $line =~ ^[^[:space:]:]+(:[1-9][0-9]*)?([[:space:]].*)?$ ]] \
+            || die "hostfile $hostfile line $n: expected host[:ranks], got '$line'"
+        hosts=$((hosts + 1))
+    done < "$hostfile"
+    (( hosts > 0 )) || die "hostfile $hostfile lists no hosts (one \"host[:ranks]\" a line)"
+fi
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-python=${PARANET_PYTHON:-}
-if [[ -z $python ]]; then
-    if [[ -x $repo/.venv/bin/python ]]; then python=$repo/.venv/bin/python; else python=python3; fi
+if [[ -n ${PARANET_PYTHON:-} ]]; then
+    python=$(program "$PARANET_PYTHON") || die "PARANET_PYTHON=$PARANET_PYTHON is not an executable file"
+elif [[ -x $repo/.venv/bin/python ]]; then
+    python=$repo/.venv/bin/python
+else
+    python=$(program python3) || die "no python3 on PATH and no $repo/.venv: set PARANET_PYTHON"
 fi
-mpiexec=${PARANET_MPIEXEC:-$(dirname "$(command -v "$python")")/mpiexec}
-[[ -x $mpiexec ]] || mpiexec=mpiexec
+if [[ -n ${PARANET_MPIEXEC:-} ]]; then
+    mpiexec=$(program "$PARANET_MPIEXEC") || die "PARANET_MPIEXEC=$PARANET_MPIEXEC is not an executable file"
+elif [[ -x $(dirname "$python")/mpiexec ]]; then
+    mpiexec=$(dirname "$python")/mpiexec
+else
+    mpiexec=$(program mpiexec) || die "no mpiexec next to $python nor on PATH: pip install mpich, or set PARANET_MPIEXEC"
+fi
 
 # One BLAS thread per rank: several ranks share the cores of a machine.
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1

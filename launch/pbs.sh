@@ -28,17 +28,37 @@
 #                          Default: runs/<job name>-<job id without the server> in the submit directory
 #   PARANET_PYTHON         default: .venv/bin/python in the submit directory, else python3 on PATH
 #   PARANET_MPIEXEC        default: the mpiexec next to PARANET_PYTHON, else mpiexec on PATH
-#   PARANET_WALLTIME       seconds the job may run; default: PBS_WALLTIME (Torque sets it), else
+#   PARANET_WALLTIME       how long the job may run, [[h:]m:]s (3600, 60:00 and 1:00:00 are the
+#                          same); default: PBS_WALLTIME (Torque sets it), else
 #                          Resource_List.walltime from `qstat -f`; no timer when neither is known
-#   PARANET_SIGNAL_MARGIN  seconds before the walltime to stop at (default 120)
+#   PARANET_SIGNAL_MARGIN  whole seconds before the walltime to stop at (default 120), less than
+#                          the walltime
 #   PARANET_REQUEUE        1 (default): when training stopped early, `qrerun` the job, or if that is
 #                          not allowed, `qsub` this script again with the same run directory.
 #                          0: end with exit status 75 and leave the checkpoint.
 #   PARANET_PBS_SCRIPT     the script to resubmit (default launch/pbs.sh in the submit directory)
+# All of these, the Python, the mpiexec and PBS_NODEFILE are checked before mpiexec starts; a bad
+# one is one line and exit status 2, with nothing launched.
 set -euo pipefail
 
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 
+log() { echo "paranet-pbs: $*"; }
+die() { echo "paranet-pbs: $*" >&2; exit 2; }
+program() {  # the executable file a name (looked up on PATH) or a path stands for, or fail
+    local p
+    p=$(command -v -- "$1" 2>/dev/null) || return 1
+    [[ -f $p && -x $p ]] && echo "$p"
+}
+seconds() {  # [[h:]m:]s -> seconds (PBS's walltime format), or fail
+    local parts total=0 part
+    [[ $1 =~ ^[0-9]+(:[0-9]+){0,2}$ ]] || return 1
+    IFS=: read -r -a parts <<< "$1"
+    for part in "${parts[@]}"; do total=$((total * 60 + 10#$part)); done
+    echo "$total"
+}
+
+# Check every setting before anything is launched: a bad one must not leave ranks running.
 cd "${PBS_O_WORKDIR:-.}"
 job_id=${PBS_JOBID:?this script runs inside a PBS job: submit it with qsub}
 job_name=${PBS_JOBNAME:-paranet}
@@ -46,18 +66,51 @@ export PARANET_RUN_DIR=${PARANET_RUN_DIR:-runs/$job_name-${job_id%%.*}}
 run_dir=$PARANET_RUN_DIR
 checkpoint=$run_dir/checkpoint.h5
 metrics=$run_dir/metrics.json
-mkdir -p "$run_dir"
 
-python=${PARANET_PYTHON:-}
-if [[ -z $python ]]; then
-    if [[ -x .venv/bin/python ]]; then python=.venv/bin/python; else python=python3; fi
+if [[ -n ${PARANET_PYTHON:-} ]]; then
+    python=$(program "$PARANET_PYTHON") || die "PARANET_PYTHON=$PARANET_PYTHON is not an executable file"
+elif [[ -x .venv/bin/python ]]; then
+    python=.venv/bin/python
+else
+    python=$(program python3) || die "no python3 on PATH and no .venv in $PWD: set PARANET_PYTHON"
 fi
-mpiexec=${PARANET_MPIEXEC:-$(dirname "$(command -v "$python")")/mpiexec}
-[[ -x $mpiexec ]] || mpiexec=mpiexec
+if [[ -n ${PARANET_MPIEXEC:-} ]]; then
+    mpiexec=$(program "$PARANET_MPIEXEC") || die "PARANET_MPIEXEC=$PARANET_MPIEXEC is not an executable file"
+elif [[ -x $(dirname "$python")/mpiexec ]]; then
+    mpiexec=$(dirname "$python")/mpiexec
+else
+    mpiexec=$(program mpiexec) || die "no mpiexec next to $python nor on PATH: pip install mpich, or set PARANET_MPIEXEC"
+fi
 
-log() { echo "paranet-pbs: $*"; }
 nodefile=${PBS_NODEFILE:?PBS_NODEFILE is not set}
-ranks=$(grep -c . "$nodefile")  # PBS lists each host once per rank it may run
+[[ -f $nodefile && -r $nodefile ]] || die "PBS_NODEFILE $nodefile is not readable"
+ranks=$(grep -c '[^[:space:]]' "$nodefile" || true)  # PBS lists each host once per rank it may run
+(( ranks > 0 )) || die "PBS_NODEFILE $nodefile lists no hosts: check the job's -l nodes/select request"
+
+margin=${PARANET_SIGNAL_MARGIN:-120}
+[[ $margin =~ ^[0-9]+$ ]] || die "PARANET_SIGNAL_MARGIN must be a whole number of seconds, not '$margin'"
+margin=$((10#$margin))
+requeue=${PARANET_REQUEUE:-1}
+[[ $requeue == 0 || $requeue == 1 ]] || die "PARANET_REQUEUE must be 0 or 1, not '$requeue'"
+walltime=
+for var in PARANET_WALLTIME PBS_WALLTIME; do
+    if [[ -n ${!var:-} ]]; then
+        walltime=$(seconds "${!var}") || die "$var must be [[h:]m:]s, not '${!var}'"
+        break
+    fi
+done
+if [[ -z $walltime ]] && command -v qstat >/dev/null; then
+    hms=$(qstat -f "$job_id" 2>/dev/null | sed -n 's/^ *Resource_List.walltime = //p' | head -n1)
+    if [[ -n $hms ]] && ! walltime=$(seconds "$hms"); then
+        log "cannot read qstat's walltime '$hms': no SIGTERM before the walltime (set PARANET_WALLTIME)"
+        walltime=
+    fi
+fi
+if [[ -n $walltime ]] && (( margin >= walltime )); then
+    die "PARANET_SIGNAL_MARGIN ($margin s) must be less than the walltime ($walltime s)"
+fi
+
+mkdir -p "$run_dir"
 log "job $job_id, $ranks ranks on $(sort -u "$nodefile" | paste -sd, -), run directory $run_dir"
 
 if [[ -e $metrics ]]; then
@@ -68,36 +121,32 @@ if [[ -e $checkpoint ]]; then
     log "resuming from $checkpoint"
 fi
 
-walltime=${PARANET_WALLTIME:-${PBS_WALLTIME:-}}
-if [[ -z $walltime ]] && command -v qstat >/dev/null; then
-    hms=$(qstat -f "$job_id" 2>/dev/null | sed -n 's/^ *Resource_List.walltime = //p' | head -n1)
-    if [[ $hms =~ ^([0-9]+):([0-9]+):([0-9]+)$ ]]; then
-        walltime=$((10#${BASH_REMATCH[1]} * 3600 + 10#${BASH_REMATCH[2]} * 60 + 10#${BASH_REMATCH[3]}))
-    fi
-fi
-
 read -r -a extra <<< "${PARANET_TRAIN_ARGS:-}"
 train=("$python" -m paranet.train "${extra[@]}" "$@" --checkpoint "$checkpoint" --resume --metrics "$metrics")
 cmd=("$mpiexec" -n "$ranks" -f "$nodefile" "${train[@]}")
+# The SIGTERM trap is set before the launch: a SIGTERM at any moment is passed on, or stops the
+# job before anything started.
+pid= terminated=0
+trap 'terminated=1; if [[ -n $pid ]]; then log "SIGTERM: passing it on to the ranks"; kill -TERM "$pid" 2>/dev/null || true; fi' TERM
 log "${cmd[*]}"
 "${cmd[@]}" &
 pid=$!
+if (( terminated )); then kill -TERM "$pid" 2>/dev/null || true; fi  # arrived while it was starting
 
 timer=
 if [[ -n $walltime ]]; then
-    delay=$((walltime - ${PARANET_SIGNAL_MARGIN:-120}))
-    (( delay > 0 )) || delay=1
+    delay=$((walltime - margin))
     log "SIGTERM to the ranks in $delay s (walltime $walltime s)"
     (
-        trap 'kill "$nap" 2>/dev/null; exit 0' TERM  # training ended first: take the sleep along
-        sleep "$delay" & nap=$!
+        nap=
+        trap 'if [[ -n $nap ]]; then kill "$nap" 2>/dev/null; fi; exit 0' TERM  # training ended first: take the sleep along
+        sleep "$delay" >/dev/null 2>&1 </dev/null & nap=$!  # even if orphaned, it holds no output open
         if wait "$nap"; then log "walltime nearly over: SIGTERM to the ranks"; kill -TERM "$pid"; fi
     ) &
     timer=$!
 fi
 
 terminated=0
-trap 'terminated=1; log "SIGTERM: passing it on to the ranks"; kill -TERM "$pid" 2>/dev/null || true' TERM
 status=0
 wait "$pid" || status=$?
 while (( terminated )); do
@@ -120,7 +169,7 @@ if [[ ! -e $checkpoint ]]; then
     log "training stopped early but $checkpoint does not exist" >&2
     exit 1
 fi
-if [[ ${PARANET_REQUEUE:-1} == 1 ]]; then
+if (( requeue )); then
     if command -v qrerun >/dev/null && qrerun "$job_id" 2>/dev/null; then
         log "stopped early with checkpoint $checkpoint; rerunning job $job_id"
         exit 0

@@ -19,7 +19,7 @@ MPIRUN_SH = REPO / "launch" / "mpirun.sh"
 
 def _run(*args, timeout=120, **extra):
     return subprocess.run([str(MPIRUN_SH), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          env=env(PARANET_PYTHON=sys.executable, **extra), timeout=timeout)
+                          env=env(**{"PARANET_PYTHON": sys.executable, **extra}), timeout=timeout)
 
 
 @pytest.mark.mpi
@@ -103,3 +103,123 @@ def test_pbs_script_checkpoints_on_sigterm_and_resumes_like_an_uninterrupted_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == steps
     assert max_abs_diff(load_params(tmp_path / "p.npz"), load_params(tmp_path / "ref.npz")) <= 1e-10
+
+
+# -- everything is validated before anything is launched ---------------------------------------
+
+FAKE_MPIEXEC = """#!/bin/sh
+# stands in for mpiexec: records that it ran, and "completes" training by writing --metrics
+printf '%s\\n' "$*" >> "{calls}"
+prev=
+for a in "$@"; do [ "$prev" = --metrics ] && echo '{{}}' > "$a"; prev=$a; done
+exit 0
+"""
+
+
+def _fake_mpiexec(folder):
+    """An mpiexec at folder/bin/mpiexec that records its calls in folder/calls."""
+    (folder / "bin").mkdir(exist_ok=True)
+    fake = folder / "bin" / "mpiexec"
+    fake.write_text(FAKE_MPIEXEC.format(calls=folder / "calls"))
+    fake.chmod(0o755)
+    return fake
+
+
+def _calls(folder):
+    calls = folder / "calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def _path_with(folder):
+    import os
+    return f"{folder / 'bin'}:{os.environ['PATH']}"
+
+
+@pytest.mark.parametrize("extra, message", [
+    # a wrong mpiexec is an error, not silently replaced by the one on PATH
+    ({"PARANET_MPIEXEC": "/nonexistent/mpiexec"}, "PARANET_MPIEXEC=/nonexistent/mpiexec is not an executable file"),
+    # a missing Python is reported as such, not as a missing mpiexec
+    ({"PARANET_PYTHON": "/nonexistent/python"}, "PARANET_PYTHON=/nonexistent/python is not an executable file"),
+    ({"PARANET_PYTHON": "no-such-python3"}, "PARANET_PYTHON=no-such-python3 is not an executable file"),
+])
+def test_mpirun_sh_wrong_programs_are_errors_and_nothing_runs(tmp_path, extra, message):
+    _fake_mpiexec(tmp_path)  # first on PATH: the old fallback would have run it
+    proc = _run("-n", 2, "--", "--max-steps", 1, timeout=30, PATH=_path_with(tmp_path), **extra)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert _calls(tmp_path) == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "lists no hosts"),
+    ("# only a comment\n\n   \n", "lists no hosts"),
+    ("node1:2\nnode2:x\n", "line 2: expected host[:ranks], got 'node2:x'"),
+    ("node1:0\n", "line 1: expected host[:ranks], got 'node1:0'"),
+])
+def test_mpirun_sh_a_bad_hostfile_is_an_error(tmp_path, content, message):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text(content)
+    fake = _fake_mpiexec(tmp_path)
+    proc = _run("-n", 2, "-f", hostfile, "--", "--max-steps", 1, timeout=30, PARANET_MPIEXEC=fake)
+    assert proc.returncode == 2 and f"hostfile {hostfile} " in proc.stderr and message in proc.stderr, proc.stderr
+    assert _calls(tmp_path) == []  # it no longer runs locally without a word
+
+
+def test_mpirun_sh_python_found_on_path_and_a_good_hostfile_run(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two hosts\nnode1:2\nnode2\n")
+    fake = _fake_mpiexec(tmp_path)
+    proc = _run("-n", 3, "-f", hostfile, "--", "--epochs", 1, timeout=30, PARANET_MPIEXEC=fake,
+                PARANET_PYTHON="python3")
+    assert proc.returncode == 0, proc.stderr
+    (call,) = _calls(tmp_path)
+    assert call.startswith(f"-n 3 -f {hostfile} ") and " -m paranet.train --epochs 1" in call
+
+
+def _pbs(tmp_path, nodes="localhost\nlocalhost\n", **extra):
+    """launch/pbs.sh in a simulated PBS job whose mpiexec is the fake one; returns (proc, calls)."""
+    nodefile = tmp_path / "nodes"
+    if nodes is not None:
+        nodefile.write_text(nodes)
+    fake = _fake_mpiexec(tmp_path)
+    e = env(PBS_JOBID="7.server", PBS_O_WORKDIR=tmp_path, PBS_NODEFILE=nodefile, PARANET_RUN_DIR=tmp_path / "run",
+            PARANET_PYTHON=sys.executable, PARANET_MPIEXEC=fake, PARANET_REQUEUE=0, PATH=_path_with(tmp_path))
+    e.pop("PBS_WALLTIME", None)
+    e.update({k: str(v) for k, v in extra.items()})
+    proc = subprocess.run([str(REPO / "launch" / "pbs.sh")], cwd=tmp_path, env=e, capture_output=True, text=True,
+                          timeout=60)
+    return proc, _calls(tmp_path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"PARANET_SIGNAL_MARGIN": "2m"}, "PARANET_SIGNAL_MARGIN must be a whole number of seconds, not '2m'"),
+    ({"PARANET_SIGNAL_MARGIN": "-5"}, "PARANET_SIGNAL_MARGIN must be a whole number of seconds, not '-5'"),
+    ({"PARANET_WALLTIME": "1h"}, "PARANET_WALLTIME must be [[h:]m:]s, not '1h'"),
+    ({"PARANET_WALLTIME": "1:2:3:4"}, "PARANET_WALLTIME must be [[h:]m:]s, not '1:2:3:4'"),
+    ({"PBS_WALLTIME": "soon"}, "PBS_WALLTIME must be [[h:]m:]s, not 'soon'"),
+    ({"PARANET_WALLTIME": "100"}, "PARANET_SIGNAL_MARGIN (120 s) must be less than the walltime (100 s)"),
+    ({"PARANET_REQUEUE": "yes"}, "PARANET_REQUEUE must be 0 or 1, not 'yes'"),
+    ({"PARANET_MPIEXEC": "/nonexistent/mpiexec"}, "PARANET_MPIEXEC=/nonexistent/mpiexec is not an executable file"),
+    ({"PARANET_PYTHON": "/nonexistent/python"}, "PARANET_PYTHON=/nonexistent/python is not an executable file"),
+])
+def test_pbs_sh_bad_settings_are_one_line_and_nothing_is_launched(tmp_path, extra, message):
+    proc, calls = _pbs(tmp_path, **extra)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+    assert calls == []  # no ranks left running as orphans
+
+
+@pytest.mark.parametrize("nodes, message", [("", "lists no hosts"), ("\n\n", "lists no hosts"),
+                                            (None, "is not readable")])
+def test_pbs_sh_empty_or_missing_nodefile_is_a_clear_error(tmp_path, nodes, message):
+    proc, calls = _pbs(tmp_path, nodes=nodes)
+    assert proc.returncode == 2 and f"PBS_NODEFILE {tmp_path / 'nodes'} {message}" in proc.stderr, \
+        proc.stdout + proc.stderr
+    assert calls == []
+
+
+@pytest.mark.parametrize("walltime, seconds", [("45", 45), ("1:00:00", 3600), ("90:00", 5400), ("0:08:09", 489),
+                                               ("01:02:03", 3723)])
+def test_pbs_sh_walltime_formats_set_the_timer(tmp_path, walltime, seconds):
+    proc, calls = _pbs(tmp_path, PARANET_WALLTIME=walltime, PARANET_SIGNAL_MARGIN=10)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SIGTERM to the ranks in {seconds - 10} s (walltime {seconds} s)" in proc.stdout
+    assert len(calls) == 1 and calls[0].startswith("-n 2 -f ")
