@@ -223,3 +223,23 @@ def test_pbs_sh_walltime_formats_set_the_timer(tmp_path, walltime, seconds):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"SIGTERM to the ranks in {seconds - 10} s (walltime {seconds} s)" in proc.stdout
     assert len(calls) == 1 and calls[0].startswith("-n 2 -f ")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"PARANET_LAUNCHER": "mpiexec", "PARANET_MPIEXEC": "/nonexistent/mpiexec"},
+     "PARANET_MPIEXEC=/nonexistent/mpiexec is not an executable file"),
+    ({"PARANET_PYTHON": "/nonexistent/python"}, "PARANET_PYTHON=/nonexistent/python is not an executable file"),
+    ({"PARANET_REQUEUE": "true"}, "PARANET_REQUEUE must be 0 or 1, not 'true'"),
+    ({"PARANET_SRUN_MPI": "none"}, "PARANET_SRUN_MPI=none would start every rank as a singleton"),
+])
+def test_slurm_sbatch_checks_its_settings_before_launching(tmp_path, extra, message):
+    """The same checks in launch/slurm.sbatch; they run before srun, so no SLURM is needed here."""
+    fake = _fake_mpiexec(tmp_path)
+    (tmp_path / "bin" / "srun").symlink_to(fake)  # a launch would be recorded
+    e = env(SLURM_JOB_ID=9, SLURM_SUBMIT_DIR=tmp_path, SLURM_NTASKS=2, PARANET_PYTHON=sys.executable,
+            PATH=_path_with(tmp_path), PARANET_REQUEUE=0)
+    e.update(extra)
+    proc = subprocess.run([str(REPO / "launch" / "slurm.sbatch")], cwd=tmp_path, env=e, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+    assert _calls(tmp_path) == [] and not (tmp_path / "runs").exists()
