@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from paranet.data import Batch, BatchReader, DataError
-from paranet.data.prepare import write_h5
+from paranet.data import write_dataset
 
 
 def synthetic(path, n, seed=0):
@@ -15,7 +15,8 @@ def synthetic(path, n, seed=0):
     images = rng.integers(0, 256, (n, 28, 28), np.uint8)
     images[:, 0, 0], images[:, 0, 1] = np.arange(n) % 251, np.arange(n) // 251
     labels = rng.integers(0, 10, n, np.uint8)
-    write_h5(path, {"train": (images, labels)}, {"train_mean": 0.5, "train_std": 0.25})
+    write_dataset(path, train=(images, labels), val=(images[:2], labels[:2]), test=(images[:2], labels[:2]),
+                  num_classes=10)
     return path, images, labels
 
 

@@ -1,4 +1,4 @@
-"""Download the four MNIST .gz files from the standard mirrors into a cache, checking md5."""
+"""Download source files (MNIST, Fashion-MNIST, CIFAR-10) from mirrors into a cache, checking md5."""
 import hashlib
 import os
 import urllib.error
@@ -9,7 +9,7 @@ from .errors import DataError
 from .idx import IDX_NAMES
 
 # Tried in this order; a failed or corrupted download moves on to the next one.
-MIRRORS = (
+MIRRORS = (  # MNIST
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
@@ -23,10 +23,29 @@ MNIST_MD5 = {
 }
 
 
-def default_cache_dir():
-    """Return the folder downloads go to: $XDG_CACHE_HOME/paranet/mnist-idx or ~/.cache/..."""
+# Fashion-MNIST (Zalando Research, MIT licence): the md5 of the .gz files published in its README.
+FASHION_MIRRORS = (
+    "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+)
+FASHION_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+# CIFAR-10, binary version (Alex Krizhevsky): md5 from https://www.cs.toronto.edu/~kriz/cifar.html.
+CIFAR10_MIRRORS = (
+    "https://www.cs.toronto.edu/~kriz/",
+    "https://mindspore-website.obs.cn-north-4.myhuaweicloud.com/notebook/datasets/",
+)
+CIFAR10_MD5 = {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}
+
+
+def default_cache_dir(name="mnist-idx"):
+    """Return the folder downloads go to: $XDG_CACHE_HOME/paranet/<name> or ~/.cache/paranet/<name>."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "paranet" / "mnist-idx"
+    return Path(base) / "paranet" / name
 
 
 def md5_file(path):
@@ -56,31 +75,30 @@ def _fetch(url, dest, progress, timeout):
                 bar.close()
 
 
-def download_mnist(cache_dir=None, mirrors=None, md5=None, progress=True, timeout=30.0):
-    """Make sure the four MNIST .gz files are in cache_dir, downloading what is missing.
+def download_files(md5, mirrors, cache_dir, progress=True, timeout=30.0):
+    """Make sure every file of `md5` is in cache_dir, downloading what is missing.
 
     A cached file is kept if its md5 matches. Each download goes to a temporary name,
     is checked against the published md5 and only then renamed; a failed or corrupted
     download is deleted and the next mirror is tried.
 
     Args:
-        cache_dir: folder for the .gz files (default: default_cache_dir()).
-        mirrors: base URLs ending in "/" (default: MIRRORS).
-        md5: {file name: md5 of the .gz bytes} (default: MNIST_MD5, the published sums).
+        md5: {file name: md5 of its bytes as published}.
+        mirrors: base URLs ending in "/", tried in order.
+        cache_dir: folder for the files.
         progress: show a tqdm progress bar per file.
         timeout: seconds per connection attempt.
 
     Returns:
-        The cache folder (Path), holding the four .gz files.
+        The cache folder (Path).
 
     Raises:
         DataError: no mirror gave a file with the expected md5 (names each mirror's failure).
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    mirrors = list(MIRRORS if mirrors is None else mirrors)
-    md5 = dict(MNIST_MD5 if md5 is None else md5)
+    cache = Path(cache_dir)
+    mirrors = list(mirrors)
     cache.mkdir(parents=True, exist_ok=True)
-    for name in (n + ".gz" for n in IDX_NAMES.values()):
+    for name in md5:
         dest = cache / name
         if dest.is_file() and md5_file(dest) == md5[name]:
             continue
@@ -105,3 +123,25 @@ def download_mnist(cache_dir=None, mirrors=None, md5=None, progress=True, timeou
                             f"{len(mirrors)} mirror(s): " + "; ".join(failures),
                             file=cache / name, dataset="download")
     return cache
+
+
+def download_mnist(cache_dir=None, mirrors=None, md5=None, progress=True, timeout=30.0):
+    """Make sure the four MNIST .gz files are in cache_dir (default: default_cache_dir()); see download_files."""
+    return download_files(dict(MNIST_MD5 if md5 is None else md5), MIRRORS if mirrors is None else mirrors,
+                          default_cache_dir() if cache_dir is None else cache_dir, progress, timeout)
+
+
+def download_fashion_mnist(cache_dir=None, mirrors=None, md5=None, progress=True, timeout=30.0):
+    """The four Fashion-MNIST .gz files into cache_dir (default ~/.cache/paranet/fashion-mnist-idx)."""
+    return download_files(dict(FASHION_MD5 if md5 is None else md5),
+                          FASHION_MIRRORS if mirrors is None else mirrors,
+                          default_cache_dir("fashion-mnist-idx") if cache_dir is None else cache_dir,
+                          progress, timeout)
+
+
+def download_cifar10(cache_dir=None, mirrors=None, md5=None, progress=True, timeout=30.0):
+    """cifar-10-binary.tar.gz into cache_dir (default ~/.cache/paranet/cifar10); returns the file's path."""
+    md5 = dict(CIFAR10_MD5 if md5 is None else md5)
+    cache = download_files(md5, CIFAR10_MIRRORS if mirrors is None else mirrors,
+                           default_cache_dir("cifar10") if cache_dir is None else cache_dir, progress, timeout)
+    return cache / next(iter(md5))

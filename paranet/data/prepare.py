@@ -1,22 +1,21 @@
-"""Convert MNIST IDX files into paranet's HDF5 layout, atomically; default paths for the file."""
-import datetime
+"""Convert IDX sets (MNIST, Fashion-MNIST) into paranet's HDF5 format, atomically; default paths."""
 import json
+import os
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from .download import download_mnist
-from ..files import atomic_path
 from .errors import DataError
-from .idx import IDX_NAMES, load_mnist_idx
+from .format import FORMAT_VERSION
+from .idx import IDX_NAMES, load_idx_set
+from .write import write_dataset
 
-FORMAT_VERSION = 1
 # Layout: images and labels are stored contiguous (unchunked, uncompressed). A rank's share
 # of a step is then one run of bytes that HDF5 reads with a single pread straight into the
 # output array: no chunk cache, no copy of neighbouring rows. Measured on MNIST, 32 rows at a
 # random offset: 11 us contiguous against 34-40 us with chunks of 16, 64 or 256 rows.
-SPLITS = ("train", "val", "test")
 # The embedded copy: <repo>/datasets/mnist/, present in a source checkout only.
 EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "datasets" / "mnist"
 
@@ -61,54 +60,74 @@ def ensure_default_dataset(path=None):
     return prepare_mnist(path)
 
 
-def write_h5(out, splits, attrs):
-    """Write splits {name: (images (N, 28, 28) uint8, labels (N,) uint8)} to out, atomically.
+def split_off_val(X, y, val_size, seed, out):
+    """Hold out a seeded random val_size rows of (X, y) as /val (kept in their original order);
+    return (train, val), train in a seeded shuffled order (any contiguous block a random mix)."""
+    n = len(X)
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not 1 <= val_size < n:
+        raise DataError(f"expected a validation size in 1..{n - 1} (every paranet file has a non-empty "
+                        f"/val), got {val_size!r}", file=out, dataset="/val")
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx = np.sort(perm[:val_size])   # held out, original relative order
+    train_idx = perm[val_size:]          # shuffled
+    return (X[train_idx], y[train_idx]), (X[val_idx], y[val_idx])
 
-    The data goes to a temporary file in out's folder, is fsynced and renamed onto out.
-    `format_version` is the last attribute written, so even the temporary file of an
-    interrupted run does not pass the reader's checks. Returns out (Path).
+
+def _same_file(a, b):
+    """True if paths a and b name the same file (the same path, or the same inode)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(out, inputs):
+    """Refuse an output path that is a directory or one of the converter's own input files.
+
+    Writing a dataset onto its own source would replace the source (the rename is atomic,
+    so the source is simply gone): refused up front, before anything is read.
     """
     out = Path(out)
-    with atomic_path(out) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name, (images, labels) in splits.items():
-                g = f.create_group(name)
-                g.create_dataset("images", data=images, dtype=np.uint8)  # contiguous: see above
-                g.create_dataset("labels", data=labels, dtype=np.uint8)
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            f.attrs["format_version"] = FORMAT_VERSION
-    return out
+    if out.is_dir():
+        raise DataError("expected a file to write, got a directory", file=out, dataset="--out")
+    for src in inputs:
+        if _same_file(out, src):
+            raise DataError(f"expected an output other than the inputs, got one of its own source files ({src})",
+                            file=out, dataset="--out")
 
 
-def pixel_stats(images):
-    """Return (mean, std) of uint8 images on the [0, 1] scale, exactly, via a histogram."""
-    counts = np.bincount(images.reshape(-1), minlength=256).astype(np.float64)
-    v = np.arange(256, dtype=np.float64) / 255.0
-    n = counts.sum()
-    mean = float(counts @ v / n)
-    var = float(counts @ (v - mean) ** 2 / n)
-    return mean, var ** 0.5
+def _idx_inputs(folder):
+    """The files in an IDX folder that a conversion reads (those present)."""
+    found = []
+    for name in list(IDX_NAMES.values()) + ["SHA256SUMS"]:
+        for cand in (name + ".gz", name, name.replace("-idx", ".idx") + ".gz", name.replace("-idx", ".idx")):
+            if (Path(folder) / cand).exists():
+                found.append(Path(folder) / cand)
+    return found
 
 
-def prepare_mnist(out, source=None, val_size=5000, seed=0, cache_dir=None, mirrors=None, *,
-                  md5=None, progress=True):
-    """Convert the MNIST IDX files into one HDF5 file, written atomically.
+def prepare_idx(out, dataset="mnist", source=None, val_size=5000, seed=0, cache_dir=None, mirrors=None, *,
+                md5=None, progress=True):
+    """Convert an IDX set (MNIST or Fashion-MNIST) into one HDF5 file, written atomically.
 
-    The IDX files come from, in this order: `source` if given; else the embedded copy
-    under ``datasets/mnist/`` (sha256-checked against its SHA256SUMS); else a download
-    from the MNIST mirrors into `cache_dir` (md5-checked). The validation split is a
-    seeded random `val_size` rows held out from the 60,000 training rows (kept in their
+    The IDX files come from, in this order: `source` if given; else, for MNIST, the
+    embedded copy under ``datasets/mnist/`` (sha256-checked against its SHA256SUMS); else a
+    download from the dataset's mirrors into `cache_dir` (md5-checked). The validation split
+    is a seeded random `val_size` rows held out from the training rows (kept in their
     original relative order); the training split is written in a seeded shuffled order;
-    the test split keeps its original order.
+    the test split keeps its original order. 10 classes, samples (28, 28) uint8.
 
     Args:
-        out: the HDF5 file to write (replaced atomically if it exists).
-        source: a folder of IDX files, gzip or raw (e.g. Fashion-MNIST), or None.
-        val_size: rows held out from train for /val (0 <= val_size < training rows).
+        out: the HDF5 file to write (replaced atomically if it exists; never a source file).
+        dataset: "mnist" or "fashion-mnist" (the download mirrors and checksums).
+        source: a folder of IDX files, gzip or raw, or None.
+        val_size: rows held out from train for /val (1 <= val_size < training rows).
         seed: seeds the train/val split and the training order.
-        cache_dir: download cache (default: ~/.cache/paranet/mnist-idx).
-        mirrors: base URLs to download from (default: download.MIRRORS).
+        cache_dir: download cache (default: ~/.cache/paranet/<dataset>-idx).
+        mirrors: base URLs to download from (default: the dataset's).
         md5: {"<name>.gz": md5} for downloads (default: the published sums).
         progress: show a progress bar while downloading.
 
@@ -116,43 +135,52 @@ def prepare_mnist(out, source=None, val_size=5000, seed=0, cache_dir=None, mirro
         The path of the written file (Path).
 
     Raises:
-        DataError: a missing or malformed source, a failed download, a bad val_size.
+        DataError: a missing or malformed source, a failed download, a bad val_size, an
+            output that is a source file.
     """
+    from .download import FASHION_MD5, MNIST_MD5, default_cache_dir, download_fashion_mnist
+    if dataset not in ("mnist", "fashion-mnist"):
+        raise DataError(f"expected dataset 'mnist' or 'fashion-mnist', got {dataset!r}", file=out)
     out = Path(out)
     if source is not None:
         folder, origin = Path(source), f"source:{Path(source).resolve()}"
         if not folder.is_dir():
             raise DataError("expected a folder of IDX files, found no such folder", file=folder,
                             dataset="--source")
-    elif all(any((EMBEDDED_DIR / (n + ext)).is_file() for ext in ("", ".gz")) for n in IDX_NAMES.values()):
+        check_output(out, _idx_inputs(folder))
+    elif dataset == "mnist" and all(any((EMBEDDED_DIR / (n + ext)).is_file() for ext in ("", ".gz"))
+                                    for n in IDX_NAMES.values()):
         folder, origin = EMBEDDED_DIR, "embedded:datasets/mnist"
+        check_output(out, _idx_inputs(folder))
     else:
-        folder = download_mnist(cache_dir, mirrors=mirrors, md5=md5, progress=progress)
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(f"{dataset}-idx")
+        check_output(out, [cache / name for name in (md5 or (MNIST_MD5 if dataset == "mnist" else FASHION_MD5))])
+        fetch = download_mnist if dataset == "mnist" else download_fashion_mnist
+        folder = fetch(cache, mirrors=mirrors, md5=md5, progress=progress)
         origin = f"download:{folder}"
-    arrays, sources = load_mnist_idx(folder)
-
-    train_images, train_labels = arrays["train_images"], arrays["train_labels"]
-    n = len(train_images)
-    if not isinstance(val_size, (int, np.integer)) or not 0 <= val_size < n:
-        raise DataError(f"expected a validation size in 0..{n - 1}, got {val_size!r}",
-                        file=out, dataset="/val")
-    perm = np.random.default_rng(seed).permutation(n)
-    val_idx = np.sort(perm[:val_size])   # held out, original relative order
-    train_idx = perm[val_size:]          # shuffled: any contiguous block is a random mix
-    splits = {
-        "train": (train_images[train_idx], train_labels[train_idx]),
-        "val": (train_images[val_idx], train_labels[val_idx]),
-        "test": (arrays["test_images"], arrays["test_labels"]),
-    }
-    mean, std = pixel_stats(splits["train"][0])
+    arrays, sources = load_idx_set(folder)
+    train, val = split_off_val(arrays["train_images"], arrays["train_labels"], val_size, seed, out)
     attrs = {
-        "train_mean": mean,
-        "train_std": std,
+        "dataset": dataset,
         "source": origin,
         "source_sha256": json.dumps({s["file"]: s["sha256"] for s in sources.values()}, sort_keys=True),
         "params": json.dumps({"val_size": int(val_size), "seed": int(seed), "layout": "contiguous",
                               "train_order": "shuffled", "val_order": "original",
                               "test_order": "original"}, sort_keys=True),
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return write_h5(out, splits, attrs)
+    return write_dataset(out, train=train, val=val, test=(arrays["test_images"], arrays["test_labels"]),
+                         num_classes=10, attrs=attrs)
+
+
+def prepare_mnist(out, source=None, val_size=5000, seed=0, cache_dir=None, mirrors=None, *,
+                  md5=None, progress=True):
+    """Convert the MNIST IDX files (source, else the embedded copy, else a download) into one
+    HDF5 file, written atomically; see prepare_idx."""
+    return prepare_idx(out, "mnist", source, val_size, seed, cache_dir, mirrors, md5=md5, progress=progress)
+
+
+def prepare_fashion_mnist(out, source=None, val_size=5000, seed=0, cache_dir=None, mirrors=None, *,
+                          md5=None, progress=True):
+    """Convert Fashion-MNIST (source folder, else a download) into one HDF5 file; see prepare_idx."""
+    return prepare_idx(out, "fashion-mnist", source, val_size, seed, cache_dir, mirrors, md5=md5,
+                       progress=progress)
