@@ -19,7 +19,7 @@ from .format import FORMAT_VERSION
 from .npz import prepare_npz
 from .prepare import default_data_path, ensure_default_dataset, prepare_fashion_mnist, prepare_mnist
 from .reader import Batch, BatchReader, identity_mismatch
-
+from .write import write_dataset
 
 __all__ = ["DataError", "write_dataset", "prepare_mnist", "prepare_fashion_mnist", "prepare_cifar10",
            "prepare_npz", "check_file", "default_data_path", "ensure_default_dataset", "BatchReader", "Batch",
