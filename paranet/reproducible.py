@@ -1,0 +1,245 @@
+"""Bit-for-bit reproducible data parallelism: fixed micro-shards and an exact sum.
+
+The same seed, global batch and flags give the same bits at any number of ranks when two
+things hold (issue 12):
+
+1. **Samples are grouped the same way at every P.** A global batch of N rows is cut into
+   micro-shards of ``m = micro_size(N)`` rows (the last one shorter), and each rank gets a
+   contiguous run of whole micro-shards (``shard_range``). Each micro-shard's gradient is
+   computed alone, by its own forward and backward over exactly its rows, so its bits do not
+   depend on which rank holds it. (A row's GEMM result does depend on how many rows the GEMM
+   holds, and on the BLAS thread count: see ``bench/reproducible.py --gemm-check``.)
+2. **The partials are combined by an exact sum.** ``FixedPoint`` turns each partial, weighted
+   by its row count, into int64 multiples of 2**-bits at a scale every rank agrees on (one
+   small MAX allreduce of the partials' largest exponent), sums them in int64, which is
+   associative, and the ranks add their int64 sums (MPI_Allreduce or the shared-memory sum,
+   both exact on integers). The only rounding is the final conversion back to floats.
+
+A value the representation cannot hold (NaN, infinity) raises ``ExactSumError`` naming the
+step; the scale is chosen so that no sum can overflow int64 (bound: rows x 2**exponent).
+
+The module is numpy only: the caller passes the collectives (``paranet.distributed`` does).
+"""
+import math
+
+import numpy as np
+
+INT64_MIN = np.iinfo(np.int64).min
+MICRO_MIN, MICRO_MAX = 32, 128  # micro-shard rows: see micro_size
+# Codes of FixedPoint.exponent besides a real exponent: every partial is zero, or some is not finite.
+ZERO = -(1 << 40)
+NONFINITE = 1 << 50
+HEADROOM = 62  # a sum of partials stays below 2**62 in magnitude: int64 never overflows
+MAX_BITS = 960  # 2**bits stays a finite float64; partials below 2**-960 round to zero
+
+
+class ExactSumError(FloatingPointError):
+    """A value the exact sum cannot represent (NaN, infinity); the message names the step."""
+
+
+# -- the micro-shard rule ------------------------------------------------------------------
+
+def micro_size(n_global):
+    """Rows per micro-shard for a global batch of ``n_global`` rows: a power of two near
+    n_global / 8, within [32, 128]. It depends on the batch only, never on the rank count:
+    big enough that the per-micro-shard cost (one forward/backward call, one conversion of the
+    gradient) stays small next to the GEMMs, small enough that 8 ranks all get work."""
+    want = max(1, int(n_global) // 8)
+    return min(MICRO_MAX, max(MICRO_MIN, 1 << (want.bit_length() - 1)))
+
+
+def num_micro_shards(n_global, micro):
+    """How many micro-shards of ``micro`` rows a batch of ``n_global`` rows has (the last may be short)."""
+    return -(-int(n_global) // int(micro))
+
+
+def micro_shard(n_global, micro, k):
+    """(begin, count) of micro-shard ``k`` within the global batch."""
+    begin = k * micro
+    return begin, max(0, min(micro, n_global - begin))
+
+
+def shard_range(n_global, rank, size, micro=1):
+    """(begin, count) of rank ``rank``'s rows of a global batch of ``n_global`` rows.
+
+    The batch is cut into micro-shards of ``micro`` rows (the last may be shorter) and the
+    ranks get contiguous runs of whole micro-shards, split as ``np.array_split`` splits
+    the micro-shard count (the first ones get one more). With ``micro=1`` that is
+    np.array_split's rule over rows. Ranks past the last micro-shard get (n_global, 0)
+    clipped to the batch.
+    """
+    k = num_micro_shards(n_global, micro)
+    base, extra = divmod(k, size)
+    first = rank * base + min(rank, extra)
+    last = first + base + (rank < extra)  # micro-shards first..last-1
+    begin, end = min(first * micro, n_global), min(last * micro, n_global)
+    return begin, end - begin
+
+
+def local_micro_shards(n_global, rank, size, micro):
+    """The indices of the micro-shards rank ``rank`` holds: a range."""
+    k = num_micro_shards(n_global, micro)
+    base, extra = divmod(k, size)
+    first = rank * base + min(rank, extra)
+    return range(first, first + base + (rank < extra))
+
+
+# -- the exact sum -------------------------------------------------------------------------
+
+def exponent_of(arrays):
+    """The smallest E with |x| < 2**E for every element, ZERO when all are zero (or there are
+    none), or NONFINITE + (count - i) when array i holds a NaN or infinity (the MAX over ranks
+    then names the first such array)."""
+    top, count = 0.0, len(arrays)
+    for i, a in enumerate(arrays):
+        if a.size == 0:
+            continue
+        hi, lo = float(a.max()), float(a.min())  # two passes, no temporary; NaN propagates
+        if not (math.isfinite(hi) and math.isfinite(lo)):
+            return NONFINITE + (count - i)
+        top = max(top, hi, -lo)
+    if top == 0.0:
+        return ZERO
+    return math.frexp(top)[1]  # top = f * 2**E, 0.5 <= f < 1
+
+
+def fraction_bits(exponent, total_weight):
+    """Fraction bits of the fixed-point grid for partials below 2**exponent whose weights add up
+    to ``total_weight``: the sum of |weight * partial| * 2**bits stays below 2**62."""
+    if exponent == ZERO:
+        return 0
+    bits = HEADROOM - exponent - max(1, int(total_weight)).bit_length()
+    return min(bits, MAX_BITS)
+
+
+class FixedPoint:
+    """An exact sum of weighted float arrays as int64 multiples of 2**-bits.
+
+    ``add(x, w)`` adds trunc(w * x * 2**bits) element-wise to the int64 accumulator ``acc``.
+    Integer addition is associative, so the total is the same bits whatever the order and
+    grouping of the ``add`` calls and of the sums of several accumulators (over ranks). With
+    ``bits`` from ``fraction_bits(exponent_of(partials), sum of weights)``, nothing overflows.
+    The product w * x * 2**bits is computed exactly (in float32 when w is a power of two and
+    the scale fits, else in float64), so the only errors are the truncation, below 2**-bits
+    per add, and the one rounding of ``to_float``.
+
+    With ``words=2`` (float64 training) each element also keeps the truncated remainder on a
+    grid 2**(62 - bits(total weight)) times finer, in a second int64 word: 2**-116 of the
+    largest partial instead of 2**-54, so that the sum is no less accurate than float64
+    additions also for the many elements far below the largest.
+
+    Args:
+        n: elements per array.
+        words: int64 words an element: 1 (float32 partials) or 2 (float64).
+        acc: an int64 array of words * n elements to accumulate into (e.g. memory shared
+            between ranks: hi words, then lo words); a new one by default.
+    """
+
+    def __init__(self, n, words=1, acc=None):
+        if words not in (1, 2):
+            raise ValueError(f"FixedPoint: expected words 1 or 2, got {words!r}")
+        self.n, self.words = int(n), words
+        self.acc = np.zeros(words * self.n, np.int64) if acc is None else acc
+        if self.acc.dtype != np.int64 or self.acc.shape != (words * self.n,):
+            raise ValueError(f"FixedPoint: expected an int64 accumulator of shape ({words * self.n},), "
+                             f"got {self.acc.dtype} {self.acc.shape}")
+        self._tmp = np.empty(words * self.n, np.int64)
+        self._f64 = np.empty(self.n, np.float64) if words == 2 else None
+        self.bits = self.lo_bits = 0
+        self.fresh = True  # the next add overwrites acc instead of adding to it
+
+    def start(self, bits, total_weight=1):
+        """Begin a new sum on the grid 2**-bits (the second word's grid from ``total_weight``)."""
+        self.bits = int(bits)
+        self.lo_bits = HEADROOM - max(1, int(total_weight)).bit_length()
+        self.fresh = True
+
+    def add(self, x, weight=1):
+        """acc += trunc(weight * x * 2**bits), element-wise; x is float32 or float64."""
+        x = np.asarray(x).reshape(-1)
+        scale = float(weight) * 2.0 ** self.bits  # exact: weight < 2**53, power-of-two factor
+        out = self.acc if self.fresh else self._tmp
+        if self.words == 2:
+            self._add_two_words(x, scale, out)
+        else:
+            w = int(weight)
+            exact32 = (x.dtype == np.float32 and w == weight and w > 0 and (w & (w - 1)) == 0
+                       and -120 < self.bits + w.bit_length() < 120)
+            if x.dtype == np.float64 or exact32:  # x * scale is exact in x's dtype (a power of two), or float64
+                np.multiply(x, x.dtype.type(scale), out=out, casting="unsafe")
+            else:  # float32 times a weight that is not a power of two: exact in float64
+                np.multiply(x, scale, out=out, dtype=np.float64, casting="unsafe")
+        if not self.fresh:
+            np.add(self.acc, self._tmp, out=self.acc)
+        self.fresh = False
+
+    def _add_two_words(self, x, scale, out):
+        """out = (hi, lo): hi = trunc(y), lo = trunc((y - hi) * 2**lo_bits), y = x * scale in float64."""
+        n, y = self.n, self._f64
+        hi, lo = out[:n], out[n:]
+        np.multiply(x, scale, out=y, dtype=np.float64)
+        np.copyto(hi, y, casting="unsafe")  # truncation toward zero
+        np.subtract(y, hi, out=y)  # the remainder, exact: |y - trunc(y)| < 1
+        y *= 2.0 ** self.lo_bits
+        np.copyto(lo, y, casting="unsafe")
+
+    def zero(self):
+        """Make the sum zero (a rank without partials still joins the sum over ranks)."""
+        if self.fresh:
+            self.acc[...] = 0
+            self.fresh = False
+
+    def to_float(self, total, out, divisor=1.0):
+        """out = total * 2**-bits / divisor, where ``total`` is an int64 sum of accumulators.
+
+        One rounding from int64 to out's dtype, then an exact power-of-two scaling when every
+        result is a normal number of that dtype; otherwise (and when dividing) in float64.
+        Two words: the carry moves into the high word, and high word + remainder are added
+        once in float64 (within one rounding of the exact value)."""
+        scale = 2.0 ** -self.bits
+        if self.words == 2:
+            return self._two_words_to_float(total, out, scale / divisor)
+        info = np.finfo(out.dtype)
+        if divisor == 1.0 and info.tiny <= scale <= info.max / 2.0 ** 63:  # every result a normal number
+            np.copyto(out, total, casting="unsafe")
+            out *= out.dtype.type(scale)
+        else:
+            np.multiply(total, scale / divisor, out=out, casting="unsafe")
+        return out
+
+    def _two_words_to_float(self, total, out, scale):
+        n, L = self.n, self.lo_bits
+        hi, lo = total[:n].copy(), total[n:].copy()
+        carry = lo >> L  # floor: 0 <= lo - carry * 2**L < 2**L
+        hi += carry
+        lo -= carry << L
+        head = hi.astype(np.float64)  # rounds to 53 bits
+        hi -= head.astype(np.int64)  # what that rounding left out, exactly (|.| < 2**10)
+        tail = hi.astype(np.float64) + lo.astype(np.float64) * 2.0 ** -L
+        np.multiply(head + tail, scale, out=out, casting="unsafe")
+        return out
+
+
+def words_for(dtype):
+    """int64 words an element for partials of ``dtype``: 1 for float32 (and narrower), 2 for float64."""
+    return 2 if np.dtype(dtype).itemsize >= 8 else 1
+
+
+def exact_sum(arrays, weights=None, dtype=None):
+    """The weighted sum of ``arrays`` through ``FixedPoint``: the same bits for any order of
+    the arrays (a single-process convenience; tests and the benchmark use it).
+
+    Raises ExactSumError when an array holds a NaN or infinity."""
+    arrays = [np.asarray(a) for a in arrays]
+    weights = [1] * len(arrays) if weights is None else list(weights)
+    dtype = np.dtype(dtype or (arrays[0].dtype if arrays else np.float64))
+    n = arrays[0].size if arrays else 0
+    e = exponent_of(arrays)
+    if e >= NONFINITE:
+        raise ExactSumError(f"exact sum: array {len(arrays) - (e - NONFINITE)} holds a NaN or infinity")
+    fp = FixedPoint(n, words=words_for(arrays[0].dtype if arrays else dtype))
+    fp.start(fraction_bits(e, sum(weights)), sum(weights))
+    fp.zero()
+    for a, w in zip(arrays, weights):
+        fp.add(a, w)
+    return fp.to_float(fp.acc, np.empty(n, dtype))
