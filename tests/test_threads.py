@@ -346,3 +346,60 @@ def test_two_namespaces_on_one_kernel_share_its_cpus(tmp_path):
     share = max(1, len(ALLOWED) // 2)
     assert [r["blas"] for r in reports] == [[share], [share]]
     assert {r["describe"] for r in reports} == {f"{share} BLAS thread{'s' * (share > 1)} a rank (2 ranks share {len(ALLOWED)} CPUs)"}
+
+
+# ---- through paranet.distributed.init() and the trainer ------------------------------------------
+
+INIT_PROBE = """
+import json, os, threadpoolctl
+from paranet.distributed import init
+w = init(threads=int(os.environ["PROBE_THREADS"]) if "PROBE_THREADS" in os.environ else None)
+blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+print("PROBE " + json.dumps({"rank": w.rank, "local_size": w.local_size, "describe": w.blas.describe(), "blas": blas}), flush=True)
+"""
+
+
+def run_reports(cmd, env, timeout=60):
+    p = subprocess.run([*map(str, cmd)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
+    return [json.loads(part.split("\n", 1)[0]) for part in p.stdout.split("PROBE ")[1:]]
+
+
+@pytest.mark.mpi
+@two_cpus
+def test_init_decides_for_each_rank():
+    """paranet.distributed.init() decides once per rank: bound ranks one thread each, unbound ranks
+    share, and --threads (init(threads=N)) wins."""
+    bound = run_reports([MPIEXEC, "-n", 1, "-bind-to", "core", sys.executable, "-c", INIT_PROBE], child_env())
+    assert [(r["blas"], r["describe"]) for r in bound] == [([1], "1 BLAS thread a rank (1 CPU allowed)")]
+    shared = run_reports([MPIEXEC, "-n", 2, sys.executable, "-c", INIT_PROBE], child_env())
+    share = max(1, len(ALLOWED) // 2)
+    assert sorted(r["rank"] for r in shared) == [0, 1] and [r["blas"] for r in shared] == [[share], [share]]
+    forced = run_reports([MPIEXEC, "-n", 2, "-bind-to", "core", sys.executable, "-c", INIT_PROBE],
+                         child_env(PROBE_THREADS=2))
+    assert [r["blas"] for r in forced] == [[2], [2]]
+    assert {r["describe"] for r in forced} == {"2 BLAS threads a rank (--threads 2)"}
+
+
+def _train(prefix, data, tmp_path, *args, **extra):
+    cmd = [*map(str, prefix), sys.executable, "-m", "paranet.train", "--data", str(data), "--max-steps", "2",
+           "--checkpoint", str(tmp_path / "ck.h5"), *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, env=child_env(**extra), capture_output=True, text=True, timeout=120)
+
+
+@two_cpus
+@needs_taskset
+def test_trainer_header_says_threads_and_why(mnist_h5, tmp_path):
+    p = _train(["taskset", "-c", ALLOWED[0]], mnist_h5, tmp_path)
+    assert p.returncode == 0, p.stderr
+    header = p.stdout.splitlines()[0]
+    assert header.endswith("; 1 BLAS thread a rank (1 CPU allowed)"), header
+    p = _train(["taskset", "-c", ALLOWED[0]], mnist_h5, tmp_path, "--threads", 2)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0].endswith("; 2 BLAS threads a rank (--threads 2)")
+
+
+def test_trainer_refuses_a_bad_thread_variable_in_one_line(mnist_h5, tmp_path):
+    p = _train([], mnist_h5, tmp_path, OMP_NUM_THREADS="abc")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["paranet: error: OMP_NUM_THREADS='abc': expected a whole number of threads >= 1"]
