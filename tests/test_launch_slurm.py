@@ -178,3 +178,66 @@ def test_sigterm_under_mpiexec_then_resubmit_ends_like_an_uninterrupted_run(slur
     assert f"step {step} (written by 2 ranks)" in log
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == LONG_STEPS
     assert max_abs_diff(load_params(tmp_path / "p.npz"), uninterrupted) <= 1e-10
+
+
+# ---- BLAS threads of bound ranks (issue 14) --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def binding_slurm():
+    """A second test cluster whose TaskPlugin is task/affinity, so that --cpu-bind binds the tasks
+    as on a production cluster (the module's other cluster leaves them unbound)."""
+    reason = missing_requirement()
+    require(reason is None, reason)
+    cluster = LocalSlurm(task_plugin="task/affinity")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        daemons = [p.pid for p in cluster.procs.values()]
+        cluster.stop()
+        left = [pid for pid in daemons if Path(f"/proc/{pid}").exists()] + cluster.stragglers()
+        cluster.cleanup()
+        assert not left, f"processes of the test cluster still running after stop: {left}"
+
+
+# Each rank: paranet.distributed.init(), then its CPUs, its decision and threadpoolctl's count.
+THREADS_PROBE = """
+import json, os, threadpoolctl
+from paranet.distributed import init
+w = init()
+blas = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+print("PROBE " + json.dumps({"rank": w.rank, "size": w.size, "allowed": sorted(os.sched_getaffinity(0)),
+                             "describe": w.blas.describe(), "blas": blas}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("ntasks", [1, 2])
+def test_cpus_per_task_1_bound_ranks_run_one_blas_thread(binding_slurm, mnist_h5, tmp_path, ntasks):
+    """--cpus-per-task=1 --cpu-bind=cores: each rank may use one CPU, so one BLAS thread, whatever
+    os.cpu_count() says (with one task, cpu_count() // ranks on the node would give every core).
+    No thread variable is set in the job: paranet's own rule decides (launch/slurm.sbatch sets
+    them to 1, which would decide instead)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(THREADS_PROBE)
+    script = tmp_path / "bound.sh"
+    script.write_text(f"""#!/bin/bash
+set -euo pipefail
+unset OMP_NUM_THREADS OPENBLAS_NUM_THREADS MKL_NUM_THREADS
+srun --mpi=pmi2 --cpu-bind=cores "{sys.executable}" "{probe}"
+srun --mpi=pmi2 --cpu-bind=cores "{sys.executable}" -m paranet.train --data "{mnist_h5}" --max-steps 2 \\
+    --checkpoint "{tmp_path}/ck.h5"
+""")
+    out = tmp_path / "job.out"
+    job = binding_slurm.sbatch(script, options=[f"--ntasks={ntasks}", "--cpus-per-task=1", f"--output={out}"],
+                               env=_job_env(binding_slurm))
+    rec = binding_slurm.wait(job, timeout=90)
+    log = _read(out)
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", f"{rec}\n{log}"
+    reports = sorted((json.loads(part.split("\n", 1)[0]) for part in log.split("PROBE ")[1:]), key=lambda r: r["rank"])
+    assert [(r["rank"], r["size"]) for r in reports] == [(i, ntasks) for i in range(ntasks)], log  # one world
+    assert all(len(r["allowed"]) == 1 for r in reports), log  # bound: one CPU each ...
+    assert len({r["allowed"][0] for r in reports}) == ntasks, log  # ... a different one each
+    assert [r["blas"] for r in reports] == [[1]] * ntasks, log
+    assert {r["describe"] for r in reports} == {"1 BLAS thread a rank (1 CPU allowed)"}
+    header = next(line for line in log.splitlines() if line.startswith("paranet: world size"))
+    assert header.startswith(f"paranet: world size {ntasks},") and header.endswith("; 1 BLAS thread a rank (1 CPU allowed)"), log

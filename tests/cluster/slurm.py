@@ -80,7 +80,10 @@ def parse_record(line):
 class LocalSlurm:
     """A one-node SLURM on localhost: partition `debug`, node `localhost`, MpiDefault=none."""
 
-    def __init__(self, root=None):
+    def __init__(self, root=None, task_plugin="task/none"):
+        """``task_plugin``: SLURM's TaskPlugin; "task/affinity" makes ``--cpu-bind`` bind the tasks
+        (sched_setaffinity, no cgroups needed); "task/none" leaves them unbound."""
+        self.task_plugin = task_plugin
         # Not under pytest's tmp_path: that is 0700 root, and munged (user munge) must reach its socket.
         self.root = Path(root or tempfile.mkdtemp(prefix="paranet-slurm-"))
         self.root.chmod(0o755)
@@ -152,7 +155,7 @@ SlurmdLogFile={r}/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin={self.task_plugin}
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
