@@ -79,14 +79,20 @@ class World:
 
     # -- for users' own scripts and metrics ------------------------------------------------
 
+    shard_micro = 1  # rows per micro-shard of shard(); "auto" once a reproducible optimizer uses this world
+
     def shard(self, array):
         """This rank's rows of a global batch: ``numpy.array_split(array, size)[rank]``, the
         reader's rule (sizes differ by at most one, lower ranks take the extra rows). A rank
-        may get zero rows; it still joins every collective."""
+        may get zero rows; it still joins every collective. Once a
+        ``DistributedOptimizer(reproducible=True)`` uses this world, whole micro-shards instead
+        (``paranet.reproducible.shard_range``)."""
+        from .reproducible import micro_size, shard_range
+
         array = np.asarray(array)
-        base, extra = divmod(len(array), self.size)
-        begin = self.rank * base + min(self.rank, extra)
-        return array[begin:begin + base + (self.rank < extra)]
+        micro = micro_size(len(array)) if self.shard_micro == "auto" else self.shard_micro
+        begin, count = shard_range(len(array), self.rank, self.size, micro)
+        return array[begin:begin + count]
 
     def allreduce(self, x):
         """The sum of ``x`` (a number or an array) over all ranks, as a new value of its type."""
@@ -376,6 +382,14 @@ class DistributedOptimizer:
         self._params = None  # the Parameters whose gradient storage the world reduces
         self._synced = None  # the Parameters last made equal to rank 0's
         self._views = {}  # id(array) -> (array, its gradient part, its tail), see _split
+        # reproducible: Session.run hands the whole step to run_step (micro-shards, exact sum)
+        self.run_step = self._run_reproducible if self.reproducible else None
+        self._micro = None  # the paranet.reproducible.MicroShardSteps of this rank
+        if self.reproducible:
+            from .reproducible import one_blas_thread
+
+            one_blas_thread()  # a GEMM's bits change with the BLAS thread count
+            self.world.shard_micro = "auto"  # World.shard cuts whole micro-shards
 
     @property
     def learning_rate(self):
@@ -461,6 +475,50 @@ class DistributedOptimizer:
             self.timeline.add("update", t1, _now())
         self.last = StepSums(reduced, loss_total, correct_total, stop_total)
         return self.last
+
+    # -- reproducible: the same bits at any number of ranks (paranet/reproducible.py) ----------
+
+    def micro_steps(self):
+        """This rank's MicroShardSteps, made on first use; its int64 buffer is summed in shared
+        memory or by MPI_Allreduce like the gradients, the scale agreed by one MAX allreduce."""
+        if self._micro is None:
+            from .reproducible import MicroShardSteps
+
+            w = self.world
+
+            def max_over_ranks(value):
+                if not w.distributed:
+                    return value
+                buf = np.array([value], np.int64)
+                w.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+                return int(buf[0])
+
+            self._micro = MicroShardSteps(w.rank, w.size, w.sum_over_ranks, max_over_ranks, buffer=w.shared_buffer)
+        return self._micro
+
+    def reproducible_step(self, session, plan, feed, total, metric=None, stop=0):
+        """One step of ``reproducible=True``: forward and backward on each of this rank's
+        micro-shards of the global batch (``total`` rows), the exact gradient sum over ranks,
+        and the wrapped optimizer's update with the mean; returns the step's StepSums."""
+        t0 = _now()
+        mean, count, loss_sum, correct, stop_total = self.micro_steps().step(
+            session, plan, feed, total, step=self.optimizer.steps + 1, metric=metric, stop=stop)
+        t1 = _now()
+        self.grad_scale = 1.0 / count  # mean holds the sum over the batch's rows
+        self.last_sum = mean
+        self.optimizer.apply_gradients(plan.params, self.grad_scale, grads=mean)
+        if self.timeline is not None:
+            self.timeline.add("update", t1, _now())
+        self.last = StepSums(count, loss_sum, correct, stop_total)
+        return self.last
+
+    def _run_reproducible(self, session, plan, feed):
+        """Session.run(self, feed): the global batch's row count comes from one small sum."""
+        root = self.loss.root
+        n_local = len(feed[root]) if root is not None and root in feed else 0
+        total = int(self.world.allreduce(n_local)) if self.world.distributed else n_local
+        sums = self.reproducible_step(session, plan, feed, total)
+        return sums.loss_sum / sums.count if sums.count else 0.0
 
     def _split(self, arr, n):
         """(arr[:n], arr[n:]), sliced once per array: the same one or two arrays (the gradient

@@ -343,7 +343,9 @@ class Session:
 
         An optimizer may define ``prepare(params)``, called before forward (the distributed
         one broadcasts rank 0's parameters on its first run), and its ``apply_gradients``
-        may return the loss to report instead of the node's value.
+        may return the loss to report instead of the node's value. One that defines
+        ``run_step(session, plan, feed_dict)`` (not None) runs forward, backward and the update
+        itself and returns the loss (the reproducible distributed optimizer: per micro-shard).
         """
         if isinstance(fetch, (list, tuple)):
             return self._run_list(list(fetch), feed_dict, need_grad)
@@ -355,6 +357,9 @@ class Session:
         prepare = getattr(fetch, "prepare", None) if step is not None else None
         if prepare is not None and plan.params is not None:
             prepare(plan.params)
+        run_step = getattr(fetch, "run_step", None) if step is not None else None
+        if run_step is not None:  # the optimizer runs forward and backward itself (reproducible: per micro-shard)
+            return float(run_step(self, plan, feed_dict or {}))
         self.forward(plan, feed_dict or {})
         if step is not None or need_grad:
             self.backward(plan)

@@ -243,3 +243,193 @@ def exact_sum(arrays, weights=None, dtype=None):
     for a, w in zip(arrays, weights):
         fp.add(a, w)
     return fp.to_float(fp.acc, np.empty(n, dtype))
+
+
+# -- reproducible steps and evaluation -------------------------------------------------------
+
+def one_blas_thread():
+    """Run BLAS with one thread in this process: a float32 GEMM's bits change with the thread
+    count (``bench/reproducible.py --gemm-check``), which the automatic choice varies with P."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # then the environment decides (OMP_NUM_THREADS=1 under the launchers)
+        return
+    threadpool_limits(limits=1, user_api="blas")
+
+
+def _float_bits(value):
+    """The IEEE bits of a float64 as an int64 (NaN and infinity included)."""
+    return int(np.array(value, np.float64).view(np.int64))
+
+
+def _floats(bits):
+    """Inverse of _float_bits, for an int64 array."""
+    return np.ascontiguousarray(bits, np.int64).view(np.float64)
+
+
+def fsum_or_nan(values):
+    """math.fsum of ``values``, or their plain sum when one is NaN or infinite (so the caller sees it)."""
+    values = [float(v) for v in values]
+    if all(math.isfinite(v) for v in values):
+        return math.fsum(values)
+    return sum(values)
+
+
+class MicroShardSteps:
+    """One rank's side of reproducible training steps and evaluation (numpy only: the caller
+    passes the collectives).
+
+    ``step`` runs forward and backward on each of this rank's micro-shards alone, keeps each
+    partial gradient, agrees a fixed-point scale with the other ranks (``max_over_ranks`` of
+    one int64: the largest exponent), converts and adds the partials in int64 (``FixedPoint``)
+    and sums over the ranks in int64 (``sum_over_ranks``). The same int64 buffer carries the
+    step's sample count, correct predictions and stop requests (integers: exact), and each
+    micro-shard's loss sum as the bits of a float64 in a slot only its owner writes (others
+    write 0, and x + 0 = x in any order); every rank then adds the slots with math.fsum.
+
+    Args:
+        rank, size: this rank and the number of ranks.
+        sum_over_ranks: f(int64 buffer) -> the elementwise sum over ranks (in place or not).
+        max_over_ranks: f(int) -> the max over ranks.
+        buffer: f(like) -> a zeroed int64 buffer shaped like ``like`` that ``sum_over_ranks``
+            sums (e.g. memory shared by the ranks of a machine); default np.zeros_like.
+        micro: rows per micro-shard; default ``micro_size(n_global)`` per batch.
+    """
+
+    COUNT, STOP, CORRECT, TAIL = 0, 1, 2, 3  # integer slots after the gradient words; loss slots follow
+
+    def __init__(self, rank, size, sum_over_ranks, max_over_ranks, buffer=None, micro=None):
+        self.rank, self.size = int(rank), int(size)
+        self.sum_over_ranks, self.max_over_ranks = sum_over_ranks, max_over_ranks
+        self.new_buffer = buffer or np.zeros_like
+        self.micro = micro
+        self.fixed = None  # FixedPoint over this rank's part of the int64 buffer
+        self._buf = None
+        self._stash = None  # (micro-shards, parameters): this rank's partial gradients of a step
+        self._mean = None  # the mean gradient handed to the optimizer
+
+    def micro_for(self, n_global):
+        return self.micro or micro_size(n_global)
+
+    def rows(self, n_global, n_local=None):
+        """(micro, begin, the micro-shard indices) of this rank's rows of a batch; checks that a
+        shard of n_local rows is the one ``shard_range`` gives this rank."""
+        micro = self.micro_for(n_global)
+        begin, count = shard_range(n_global, self.rank, self.size, micro)
+        if n_local is not None and n_local != count:
+            raise ValueError(f"reproducible step: rank {self.rank} of {self.size} holds {n_local} rows of a global "
+                             f"batch of {n_global}; the micro-shard rule gives it {count} (rows {begin}..{begin + count - 1}, "
+                             f"micro-shards of {micro}): cut batches with paranet.reproducible.shard_range or World.shard")
+        return micro, begin, local_micro_shards(n_global, self.rank, self.size, micro)
+
+    def _buffers(self, params, slots):
+        words = words_for(params.dtype)
+        need = words * params.size + self.TAIL + slots
+        if self._buf is None or self._buf.size < need or self.fixed.n != params.size or self.fixed.words != words:
+            size = max(need, words * params.size + self.TAIL + 16)
+            self._buf = self.new_buffer(np.zeros(size, np.int64))
+            self.fixed = FixedPoint(params.size, words, acc=self._buf[:words * params.size])
+            self._mean = np.empty(params.size, params.dtype)
+        return self._buf
+
+    def step(self, session, plan, feed, n_global, *, step=None, metric=None, stop=0):
+        """Forward, backward and the exact gradient sum of one global batch.
+
+        Args:
+            session, plan: the Session and the Plan of the loss (``session.plan(loss)``).
+            feed: this rank's rows: placeholder -> array; arrays whose first axis is the input
+                placeholder's row count are cut into micro-shards, others fed whole.
+            n_global: rows in the global batch.
+            step: the step number, for error messages.
+            metric: f(rows: slice of this rank's arrays) -> int, called after each micro-shard's
+                forward (the trainer counts correct predictions).
+            stop: this rank's stop request (an int), summed over ranks.
+        Returns:
+            (mean gradient array, count, loss_sum, correct, stop), the loss sum and counts
+            over all ranks; the mean gradient is valid until the next step.
+        Raises:
+            ExactSumError: a partial gradient holds a NaN or infinity (on every rank).
+        """
+        params = plan.params
+        loss = plan.order[-1]
+        root = getattr(loss, "root", None)
+        n_local = len(feed[root]) if root is not None and root in feed else None
+        if n_local is None:
+            raise ValueError("reproducible step: the loss's input placeholder must be fed")
+        micro, begin, ks = self.rows(n_global, n_local)
+        total_k = num_micro_shards(n_global, micro)
+        buf = self._buffers(params, total_k)
+        nw = self.fixed.words * params.size
+        if self._stash is None or self._stash.shape[0] < len(ks) or self._stash.shape[1] != params.size \
+                or self._stash.dtype != params.dtype:
+            self._stash = np.empty((max(len(ks), 1), params.size), params.dtype)
+        tail = buf[nw:]
+        tail[...] = 0
+        cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
+        correct = 0
+        for i, k in enumerate(ks):
+            lo, count = micro_shard(n_global, micro, k)
+            a = lo - begin
+            sub = dict(feed)
+            for ph in cut:
+                sub[ph] = feed[ph][a:a + count]
+            session.forward(plan, sub)
+            session.backward(plan)
+            np.copyto(self._stash[i], params.grads)
+            tail[self.TAIL + k] = _float_bits(float(loss.value) * count)
+            if metric is not None:
+                correct += int(metric(slice(a, a + count)))
+        code = exponent_of([self._stash[i] for i in range(len(ks))])
+        if code >= NONFINITE:  # name the global micro-shard: the max over ranks then finds the first
+            code = NONFINITE + (total_k - ks[len(ks) - (code - NONFINITE)])
+        code = int(self.max_over_ranks(int(code)))
+        if code >= NONFINITE:
+            k = total_k - (code - NONFINITE)
+            lo, count = micro_shard(n_global, micro, k)
+            at = f" at step {step}" if step is not None else ""
+            raise ExactSumError(f"non-finite gradient{at}: micro-shard {k} (rows {lo}..{lo + count - 1} of the global "
+                                f"batch of {n_global}) holds a NaN or infinity, which the reproducible sum cannot "
+                                f"represent; lower the learning rate or check the data")
+        fp = self.fixed
+        fp.start(fraction_bits(code, n_global), n_global)
+        if not ks:
+            fp.zero()  # no rows here: this rank adds zeros
+        for i, k in enumerate(ks):
+            fp.add(self._stash[i], micro_shard(n_global, micro, k)[1])
+        tail[self.COUNT], tail[self.STOP], tail[self.CORRECT] = n_local, int(stop), correct
+        summed = self.sum_over_ranks(buf)
+        count, stop_total, correct_total = (int(v) for v in summed[nw:nw + self.TAIL])
+        if count != n_global:
+            raise RuntimeError(f"ranks disagree on the global batch: {count} rows summed, {n_global} expected")
+        loss_sum = fsum_or_nan(_floats(summed[nw + self.TAIL:nw + self.TAIL + total_k]))
+        fp.to_float(summed[:nw], self._mean)
+        return self._mean, count, loss_sum, correct_total, stop_total
+
+    def evaluate(self, session, loss, batches, feed_of, metric=None, allreduce=None):
+        """(count, loss sum, correct) over batches of a split, each rank its micro-shards.
+
+        Args:
+            loss: the loss node (its value is the mean over the rows fed).
+            batches: this rank's batches, each with ``n_local`` and ``n_global``.
+            feed_of: f(batch, rows: slice) -> feed dict for those rows of the batch.
+            metric: f(batch, rows) -> int after each forward (correct predictions).
+            allreduce: f(int64 array) -> its sum over ranks (default ``sum_over_ranks``).
+        """
+        plan = session.plan(loss)
+        slots, correct, count = [], 0, 0
+        for batch in batches:
+            micro, begin, ks = self.rows(batch.n_global, batch.n_local)
+            total_k = num_micro_shards(batch.n_global, micro)
+            mine = [0] * total_k
+            for k in ks:
+                lo, rows = micro_shard(batch.n_global, micro, k)
+                sl = slice(lo - begin, lo - begin + rows)
+                session.forward(plan, feed_of(batch, sl))
+                mine[k] = _float_bits(float(loss.value) * rows)
+                if metric is not None:
+                    correct += int(metric(batch, sl))
+            slots += mine
+            count += batch.n_local
+        vec = np.array([count, correct] + slots, np.int64)
+        vec = (allreduce or self.sum_over_ranks)(vec)
+        return int(vec[0]), fsum_or_nan(_floats(vec[2:])), int(vec[1])
