@@ -294,12 +294,16 @@ class BatchReader:
             raise self._error(f"expected samples of shape {want_shape} (as the caller's model), got "
                               f"{sample_shape}", dataset=ip)
         self.num_classes, self.sample_shape, self.feature_dtype = num_classes, sample_shape, feature_dtype
-        self._content = None
+        self._content, self._extents = None, {}
         if attrs["content_sha256"] is not None:
             try:
                 self._content = parse_content_sha256(attrs["content_sha256"])
             except ValueError as e:
                 raise self._error(str(e), dataset="/") from None
+            for key in self._content:  # where each hashed dataset's bytes lie, for verify_content
+                d = self._file.get(key)
+                if isinstance(d, h5py.Dataset) and d.chunks is None and d.id.get_offset() is not None and d.shape:
+                    self._extents[key] = (d.id.get_offset(), d.id.get_storage_size(), d.dtype, d.shape)
         for start in range(0, n, _LABEL_SCAN_ROWS):
             try:
                 piece = labels[start:start + _LABEL_SCAN_ROWS]  # (<= 64 Ki,) integers
@@ -450,7 +454,11 @@ class BatchReader:
             raise self._error(change)
 
     def verify_content(self, raise_error=True):
-        """Hash every dataset listed in the content sha256 recorded at open; compare (a full read).
+        """Hash every dataset listed in the content sha256 recorded at open and compare (a full read).
+
+        The bytes are read with os.pread from a descriptor of its own, not through HDF5: in
+        this process HDF5 shares one handle (and its cache of raw data) between every open of
+        the same file, so it could hand back what it read before the file changed.
 
         Returns:
             True if all match (or the file has none recorded: format 1); False on a mismatch
@@ -462,21 +470,41 @@ class BatchReader:
         if self._content is None:
             return True
         try:
-            with h5py.File(self.path, "r") as f:
-                for key, want in sorted(self._content.items()):
-                    d = f.get(key)
-                    got = None if not isinstance(d, h5py.Dataset) or not d.shape else \
-                        hash_rows(lambda a, b, d=d: d[a:b], d.shape[0], d.dtype.itemsize * int(np.prod(d.shape[1:])))
-                    if got != want:
-                        if raise_error:
-                            raise self._error(f"expected content sha256 {want[:16]}... as recorded, got "
-                                              f"{'no data' if got is None else got[:16] + '...'}", dataset="/" + key)
-                        return False
+            fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             if raise_error:
-                raise self._error(f"expected a readable HDF5 file, got {e}", dataset="/") from None
+                raise self._error(f"expected a readable file, got {e.strerror or e}") from None
             return False
+        try:
+            for key, want in sorted(self._content.items()):
+                got = self._hash_extent(fd, key)
+                if got != want:
+                    if raise_error:
+                        raise self._error(f"expected content sha256 {want[:16]}... as recorded, got "
+                                          f"{'no readable data' if got is None else got[:16] + '...'}",
+                                          dataset="/" + key)
+                    return False
+        finally:
+            os.close(fd)
         return True
+
+    def _hash_extent(self, fd, key):
+        """sha256 of a contiguous dataset's bytes read straight from fd, or None if absent or short."""
+        if key not in self._extents:
+            return None
+        offset, nbytes, dtype, shape = self._extents[key]
+        row_bytes = nbytes // shape[0]
+
+        def read(a, b):  # rows a..b-1
+            data = os.pread(fd, (b - a) * row_bytes, offset + a * row_bytes)
+            if len(data) != (b - a) * row_bytes:
+                raise EOFError
+            return np.frombuffer(data, dtype).reshape((b - a, *shape[1:]))
+
+        try:
+            return hash_rows(read, shape[0], row_bytes)
+        except (EOFError, OSError):
+            return None
 
     def identity(self):
         """What the data is, for a checkpoint to record: compare two with identity_mismatch().
