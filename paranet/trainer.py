@@ -122,6 +122,7 @@ class Trainer:
         w = self.world
         if isinstance(self.data, BatchReader):
             self.train_reader, self.val_reader, self.test_reader = self.data, self.val_data, self.test_data
+            self._micro_shard_readers()
             return
         path = Path(self.data)
         error = None
@@ -143,9 +144,19 @@ class Trainer:
                            if self._has_split(path, "val") else None)
         self.test_reader = (BatchReader(path, "test", batch_size=eval_bs, shuffle=False, prefetch=False, **common)
                             if self._has_split(path, "test") else None)
+        self._micro_shard_readers()
         # uint8 images scaled by finite constants are finite by construction: skip the per-feed
         # NaN/inf pass (a diverging loss is caught after the gradient sum)
         self.session.check_finite = np.dtype(getattr(self.train_reader, "feature_dtype", np.uint8)) != np.uint8
+
+    def _micro_shard_readers(self):
+        """reproducible: every reader hands this rank whole micro-shards (paranet.reproducible)."""
+        if self.optimizer.reproducible:
+            from .reproducible import use_micro_shards
+
+            for reader in (self.train_reader, self.val_reader, self.test_reader):
+                if reader is not None:
+                    use_micro_shards(reader)
 
     def _splits(self):
         eval_bs = max(self.eval_batch_size, self.world.size)
@@ -174,6 +185,8 @@ class Trainer:
         """Forward, backward and the averaged update on this rank's shard; returns StepSums
         (global count, loss sum, correct count, stop) of the step."""
         m, params, tl = self.model, self.params, self.timeline
+        if self.optimizer.reproducible:
+            return self._reproducible_step(batch)
         if batch.n_local:
             plan = self.session.plan(m.loss)
             with tl.span("forward"):
@@ -190,6 +203,23 @@ class Trainer:
         stop = float(self.stop_requested) + CALLBACK_STOP * self._stop_after_step
         return self.optimizer.reduce_and_apply(params, batch.n_local, loss_sum, correct, stop, total=batch.n_global)
 
+    def _reproducible_step(self, batch):
+        """step() with reproducible=True: forward and backward per micro-shard inside the
+        optimizer, the gradients summed exactly (paranet.reproducible)."""
+        from .reproducible import ExactSumError
+
+        m, y = self.model, batch.y
+        if self.fault and self.fault.get("step") == self.global_step:
+            _inject(self.fault, self.params)
+        stop = float(self.stop_requested) + CALLBACK_STOP * self._stop_after_step  # as step() sends it
+        try:
+            with self.timeline.span("forward"):  # forward, backward and the sum, micro-shard by micro-shard
+                return self.optimizer.reproducible_step(
+                    self.session, self.session.plan(m.loss), {m.x: m.input(batch.x), m.y: y}, batch.n_global,
+                    metric=lambda rows: _correct(m.output.value, y[rows]), stop=stop)
+        except ExactSumError as e:
+            raise Stop(f"paranet: {e}", 1) from None
+
     def batches(self):
         """This epoch's batches from the current step on, their reading timed on the timeline."""
         it = iter(self.train_reader.epoch(self.epoch, self.step_in_epoch))
@@ -203,6 +233,11 @@ class Trainer:
     def evaluate(self, reader):
         """(mean loss, accuracy) over a whole split, each rank evaluating its shard."""
         m = self.model
+        if self.optimizer.reproducible:  # per micro-shard, the loss sums added exactly (paranet.reproducible)
+            count, loss_sum, correct = self.optimizer.micro_steps().evaluate(
+                self.session, m.loss, reader.epoch(0), lambda b, rows: {m.x: m.input(b.x[rows]), m.y: b.y[rows]},
+                metric=lambda b, rows: _correct(m.output.value, b.y[rows]), allreduce=self.world.allreduce)
+            return loss_sum / count, correct / count
         sums = np.zeros(3)  # loss sum, correct, count
         for batch in reader.epoch(0):
             if batch.n_local:
