@@ -30,6 +30,7 @@ MICRO_MIN, MICRO_MAX = 32, 128  # micro-shard rows: see micro_size
 ZERO = -(1 << 40)
 NONFINITE = 1 << 50
 HEADROOM = 62  # a sum of partials stays below 2**62 in magnitude: int64 never overflows
+STOP_UNIT = 1024  # the stop slot holds stop * STOP_UNIT as an integer (the trainer sends fractions)
 MAX_BITS = 960  # 2**bits stays a finite float64; partials below 2**-960 round to zero
 
 
@@ -343,7 +344,7 @@ class MicroShardSteps:
             step: the step number, for error messages.
             metric: f(rows: slice of this rank's arrays) -> int, called after each micro-shard's
                 forward (the trainer counts correct predictions).
-            stop: this rank's stop request (an int), summed over ranks.
+            stop: this rank's stop requests, a multiple of 1/1024 (the trainer's flags), summed over ranks.
         Returns:
             (mean gradient array, count, loss_sum, correct, stop), the loss sum and counts
             over all ranks; the mean gradient is valid until the next step.
@@ -396,9 +397,10 @@ class MicroShardSteps:
             fp.zero()  # no rows here: this rank adds zeros
         for i, k in enumerate(ks):
             fp.add(self._stash[i], micro_shard(n_global, micro, k)[1])
-        tail[self.COUNT], tail[self.STOP], tail[self.CORRECT] = n_local, int(stop), correct
+        tail[self.COUNT], tail[self.STOP], tail[self.CORRECT] = n_local, round(stop * STOP_UNIT), correct
         summed = self.sum_over_ranks(buf)
         count, stop_total, correct_total = (int(v) for v in summed[nw:nw + self.TAIL])
+        stop_total /= STOP_UNIT
         if count != n_global:
             raise RuntimeError(f"ranks disagree on the global batch: {count} rows summed, {n_global} expected")
         loss_sum = fsum_or_nan(_floats(summed[nw + self.TAIL:nw + self.TAIL + total_k]))
@@ -433,3 +435,11 @@ class MicroShardSteps:
         vec = np.array([count, correct] + slots, np.int64)
         vec = (allreduce or self.sum_over_ranks)(vec)
         return int(vec[0]), fsum_or_nan(_floats(vec[2:])), int(vec[1])
+
+
+def use_micro_shards(reader):
+    """Make a BatchReader give this rank whole micro-shards of every global batch
+    (``shard_range`` with ``micro_size``) instead of an even split of the rows."""
+    rank, size = reader.rank, reader.size
+    reader.shard = lambda n_global: shard_range(n_global, rank, size, micro_size(n_global))
+    return reader
