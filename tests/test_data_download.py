@@ -123,3 +123,52 @@ def test_prepare_downloads_when_no_embedded_copy(tmp_path, serve, monkeypatch, m
         assert np.array_equal(f["train/images"][:], f0["train/images"][:])
         assert np.array_equal(f["test/labels"][:], f0["test/labels"][:])
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(NAMES)
+
+
+def test_fashion_mnist_download_falls_through_to_the_next_mirror(tmp_path, serve):
+    import gzip
+    from paranet.data import prepare_fashion_mnist
+    from test_data_convert import idx_set
+    data = idx_set(tmp_path / "good")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in (tmp_path / "good").iterdir():
+        (bad / p.name).write_bytes(p.read_bytes()[:-30])  # truncated transfers
+    sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in (tmp_path / "good").iterdir()}
+    bad_srv, bad_url = serve(bad)
+    good_srv, good_url = serve(tmp_path / "good")
+    out = prepare_fashion_mnist(tmp_path / "f.h5", cache_dir=tmp_path / "cache", mirrors=[bad_url, good_url],
+                                md5=sums, val_size=5, progress=False)
+    assert len(bad_srv.requests) == len(good_srv.requests) == 4
+    with h5py.File(out, "r") as f:
+        assert f.attrs["source"].startswith("download:") and f.attrs["dataset"] == "fashion-mnist"
+        assert np.array_equal(f["test/labels"][:], data["t10k"][1])
+        assert np.array_equal(f["test/images"][:],
+                              np.frombuffer(gzip.decompress((tmp_path / "good" / "t10k-images-idx3-ubyte.gz")
+                                                            .read_bytes())[16:], np.uint8).reshape(-1, 28, 28))
+    # the default check is the published md5 of Fashion-MNIST, which these generated files fail
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: download: .*md5 \w+ != "
+                                        r"8d4fb7e6c68d591d4c3dfef9ec88bf0d"):
+        prepare_fashion_mnist(tmp_path / "g.h5", cache_dir=tmp_path / "c2", mirrors=[good_url], progress=False)
+
+
+def test_cifar10_download_checks_md5_and_uses_the_cache(tmp_path, serve):
+    from paranet.data import prepare_cifar10
+    from test_data_convert import cifar_tarball
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    batches = cifar_tarball(tmp_path / "good" / "cifar-10-binary.tar.gz")
+    data = (tmp_path / "good" / "cifar-10-binary.tar.gz").read_bytes()
+    (tmp_path / "bad" / "cifar-10-binary.tar.gz").write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    md5 = {"cifar-10-binary.tar.gz": hashlib.md5(data).hexdigest()}
+    bad_srv, bad_url = serve(tmp_path / "bad")
+    good_srv, good_url = serve(tmp_path / "good")
+    out = prepare_cifar10(tmp_path / "c.h5", cache_dir=tmp_path / "cache", mirrors=[bad_url, good_url], md5=md5,
+                          val_size=4, progress=False)
+    with h5py.File(out, "r") as f:
+        assert np.array_equal(f["test/labels"][:], batches["test_batch.bin"][:, 0])
+    assert (tmp_path / "cache" / "cifar-10-binary.tar.gz").read_bytes() == data
+    prepare_cifar10(tmp_path / "d.h5", cache_dir=tmp_path / "cache", mirrors=["http://127.0.0.1:9/"], md5=md5,
+                    val_size=4, progress=False)  # cached: no network
+    assert len(good_srv.requests) == len(bad_srv.requests) == 1
+    assert download_mod.CIFAR10_MD5 == {"cifar-10-binary.tar.gz": "c32a1d4ab5d03f1284b67883e8d87530"}

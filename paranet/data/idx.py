@@ -119,7 +119,7 @@ def read_sha256sums(folder):
             continue
         m = _SUM_LINE.match(line.strip())
         if m is None:
-            raise DataError(f"expected '<64 hex digits>  <file name>' on line {number}, got {line.strip()[:60]!r}",
+            raise DataError(f"expected '<64 hex digits> <file name>' on line {number}, got {line.strip()[:60]!r}",
                             file=sums_path, dataset="SHA256SUMS")
         sums[m.group(2).strip()] = m.group(1).lower()
     return sums
