@@ -500,9 +500,11 @@ class DistributedOptimizer:
         """One step of ``reproducible=True``: forward and backward on each of this rank's
         micro-shards of the global batch (``total`` rows), the exact gradient sum over ranks,
         and the wrapped optimizer's update with the mean; returns the step's StepSums."""
-        t0 = _now()
-        mean, count, loss_sum, correct, stop_total = self.micro_steps().step(
+        micro = self.micro_steps()
+        comm0 = micro.comm_seconds
+        mean, count, loss_sum, correct, stop_total = micro.step(
             session, plan, feed, total, step=self.optimizer.steps + 1, metric=metric, stop=stop)
+        self.comm_seconds += micro.comm_seconds - comm0
         t1 = _now()
         self.grad_scale = 1.0 / count  # mean holds the sum over the batch's rows
         self.last_sum = mean

@@ -21,6 +21,7 @@ step; the scale is chosen so that no sum can overflow int64 (bound: rows x 2**ex
 The module is numpy only: the caller passes the collectives (``paranet.distributed`` does).
 """
 import math
+import time
 
 import numpy as np
 
@@ -198,14 +199,18 @@ class FixedPoint:
         Two words: the carry moves into the high word, and high word + remainder are added
         once in float64 (within one rounding of the exact value)."""
         scale = 2.0 ** -self.bits
-        if self.words == 2:
-            return self._two_words_to_float(total, out, scale / divisor)
         info = np.finfo(out.dtype)
-        if divisor == 1.0 and info.tiny <= scale <= info.max / 2.0 ** 63:  # every result a normal number
+        if self.words == 2:
+            self._two_words_to_float(total, out, scale / divisor)
+        elif divisor == 1.0 and info.tiny <= scale <= info.max / 2.0 ** 63:  # every result a normal number
             np.copyto(out, total, casting="unsafe")
             out *= out.dtype.type(scale)
         else:
             np.multiply(total, scale / divisor, out=out, casting="unsafe")
+        if HEADROOM - self.bits >= info.maxexp:  # |sum| < 2**(62 - bits) may not fit: look
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not np.isfinite(out).all():
+                    raise ExactSumError(f"a sum exceeds the largest {out.dtype} ({info.max:.3g}) and cannot be held")
         return out
 
     def _two_words_to_float(self, total, out, scale):
@@ -308,6 +313,7 @@ class MicroShardSteps:
         self._buf = None
         self._stash = None  # (micro-shards, parameters): this rank's partial gradients of a step
         self._mean = None  # the mean gradient handed to the optimizer
+        self.comm_seconds = 0.0  # time in the two collectives of step()
 
     def micro_for(self, n_global):
         return self.micro or micro_size(n_global)
@@ -383,7 +389,9 @@ class MicroShardSteps:
         code = exponent_of([self._stash[i] for i in range(len(ks))])
         if code >= NONFINITE:  # name the global micro-shard: the max over ranks then finds the first
             code = NONFINITE + (total_k - ks[len(ks) - (code - NONFINITE)])
+        t0 = time.perf_counter()
         code = int(self.max_over_ranks(int(code)))
+        self.comm_seconds += time.perf_counter() - t0
         if code >= NONFINITE:
             k = total_k - (code - NONFINITE)
             lo, count = micro_shard(n_global, micro, k)
@@ -398,13 +406,18 @@ class MicroShardSteps:
         for i, k in enumerate(ks):
             fp.add(self._stash[i], micro_shard(n_global, micro, k)[1])
         tail[self.COUNT], tail[self.STOP], tail[self.CORRECT] = n_local, round(stop * STOP_UNIT), correct
+        t0 = time.perf_counter()
         summed = self.sum_over_ranks(buf)
+        self.comm_seconds += time.perf_counter() - t0
         count, stop_total, correct_total = (int(v) for v in summed[nw:nw + self.TAIL])
         stop_total /= STOP_UNIT
         if count != n_global:
             raise RuntimeError(f"ranks disagree on the global batch: {count} rows summed, {n_global} expected")
         loss_sum = fsum_or_nan(_floats(summed[nw + self.TAIL:nw + self.TAIL + total_k]))
-        fp.to_float(summed[:nw], self._mean)
+        try:
+            fp.to_float(summed[:nw], self._mean)
+        except ExactSumError as e:
+            raise ExactSumError(f"gradient sum at step {step}: {e}") from None
         return self._mean, count, loss_sum, correct_total, stop_total
 
     def evaluate(self, session, loss, batches, feed_of, metric=None, allreduce=None):

@@ -1,0 +1,262 @@
+"""--reproducible (issue 12): the exact sum, the micro-shard rule, and training that gives the
+same SHA-256 of the parameters and the same metrics at P = 1..4, for real under mpiexec."""
+import hashlib
+import itertools
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from paranet import reproducible as rp
+from tests.launch import MPIEXEC, REPO, env, run_train
+
+# -- the exact sum ---------------------------------------------------------------------------
+
+
+def _wide_vectors(dtype, n=400, count=6, seed=0):
+    """Vectors whose elements span many orders of magnitude, with exact cancellations
+    (vector 5 is -vector 0) and near-cancellations (huge + tiny - huge)."""
+    rng = np.random.default_rng(seed)
+    top = 30 if np.dtype(dtype) == np.float32 else 200
+    vs = [(rng.standard_normal(n) * 10.0 ** rng.integers(-top, top, n)).astype(dtype) for _ in range(count - 1)]
+    vs.append(-vs[0])
+    vs[1][:50] = vs[0][:50] * 3  # near-cancellations: with weights 32, 32 and 32, vector 0 + 1 - 3
+    vs[3][:50] = vs[0][:50] * -4  # leaves vector 2 and 4 (and rounding, in a float sum)
+    return vs
+
+
+def _fsum_reference(vectors, weights):
+    """The weighted sum element by element by math.fsum (exact, one rounding to float64)."""
+    cols = np.stack([v.astype(np.float64) * w for v, w in zip(vectors, weights)])  # w < 2**8: exact products
+    return np.array([math.fsum(c) for c in cols.T])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_sum_same_bits_in_every_order_and_grouping(dtype):
+    vs = _wide_vectors(dtype)
+    ws = [32, 32, 32, 32, 7, 1]
+    reference = rp.exact_sum(vs, ws)
+    # every order of the six vectors
+    for perm in itertools.permutations(range(len(vs))):
+        got = rp.exact_sum([vs[i] for i in perm], [ws[i] for i in perm])
+        assert got.tobytes() == reference.tobytes(), f"order {perm} changed the bits"
+    # every grouping into "ranks" (contiguous runs, as the micro-shard rule gives), each rank
+    # accumulating its own int64 sum; the ranks' sums then added in reversed rank order
+    e = rp.exponent_of(vs)
+    bits = rp.fraction_bits(e, sum(ws))
+    words = rp.words_for(dtype)
+    for cuts in itertools.chain.from_iterable(itertools.combinations(range(1, len(vs)), r) for r in range(len(vs))):
+        bounds = (0, *cuts, len(vs))
+        total = np.zeros(words * vs[0].size, np.int64)
+        for lo, hi in reversed(list(zip(bounds, bounds[1:]))):
+            fp = rp.FixedPoint(vs[0].size, words)
+            fp.start(bits, sum(ws))
+            fp.zero()
+            for i in reversed(range(lo, hi)):
+                fp.add(vs[i], ws[i])
+            total += fp.acc
+        out = fp.to_float(total, np.empty(vs[0].size, dtype))
+        assert out.tobytes() == reference.tobytes(), f"grouping {bounds} changed the bits"
+    # and it is math.fsum's sum within the error bound of the fixed-point grid: below one grid
+    # step (2**-bits, two words: 2**-(bits + lo_bits)) per partial, plus one rounding to the dtype
+    exact = _fsum_reference(vs, ws)
+    grid = 2.0 ** -(bits + (62 - sum(ws).bit_length() if words == 2 else 0))
+    bound = np.spacing(np.abs(exact).astype(dtype)).astype(np.float64) + len(vs) * grid
+    assert np.all(np.abs(reference.astype(np.float64) - exact) <= bound), "outside the error bound of the grid"
+    # a huge value, a small one and the huge one negated: exactly the small one, in any order
+    huge, small = dtype(3e7), dtype(1.25)
+    for perm in itertools.permutations([huge, small, -huge]):
+        assert rp.exact_sum([np.array([v], dtype) for v in perm])[0] == small
+
+
+def test_float_sum_would_change_with_the_order():
+    """The test above can fail: a plain float sum of the same vectors changes its bits with the order."""
+    vs = _wide_vectors(np.float32)
+    sums = {np.sum(np.stack([vs[i] for i in perm]), axis=0).tobytes()
+            for perm in itertools.permutations(range(len(vs)))}
+    assert len(sums) > 1
+
+
+def test_limits_of_the_representation():
+    # NaN and infinity are refused with a clear error, never summed into something silently wrong
+    for bad in (np.nan, np.inf, -np.inf):
+        v = np.ones(10, np.float32)
+        v[3] = bad
+        with pytest.raises(rp.ExactSumError, match="array 1 holds a NaN or infinity"):
+            rp.exact_sum([np.ones(10, np.float32), v])
+    # the largest finite values, many times over: no int64 overflow (the scale leaves room)
+    big = np.full(8, np.finfo(np.float64).max / 4096, np.float64)
+    got = rp.exact_sum([big] * 1000, [3] * 1000)
+    assert np.array_equal(got, big * 3000)
+    top = np.full(4, np.finfo(np.float32).max / 2, np.float32)
+    assert np.array_equal(rp.exact_sum([top, -top, top], [1, 1, 1]), top)
+    # a sum of float32 values past float32's range is an error, not an infinity
+    with pytest.raises(rp.ExactSumError, match="cannot be held"):
+        rp.exact_sum([top, top, top])
+    # the documented limits of the grid: an element more than 2**(62 + 60 - log2 rows) below the
+    # largest |partial| counts as zero (float64, two words; float32: 2**(62 - log2 rows)), and
+    # so do partials below 2**-MAX_BITS
+    grid64, grid32 = 2.0 ** -(59 + 60), 2.0 ** -59  # largest 1.0 (exponent 1), 2 rows: bits 62 - 1 - 2
+    got = rp.exact_sum([np.array([1e-30, 1.0]), np.array([0.0, 1.0])])
+    assert got[1] == 2.0 and 0 < abs(got[0] - 1e-30) <= grid64
+    got = rp.exact_sum([np.array([1e-40, 1.0]), np.array([0.0, 1.0])])
+    assert got.tolist() == [0.0, 2.0]
+    got = rp.exact_sum([np.array([1e-12, 1.0], np.float32), np.array([0.0, 1.0], np.float32)])
+    assert got[1] == 2.0 and abs(float(got[0]) - float(np.float32(1e-12))) <= grid32 + float(np.spacing(got[0]))
+    got = rp.exact_sum([np.array([1e-19, 1.0], np.float32), np.array([0.0, 1.0], np.float32)])
+    assert got.tolist() == [0.0, 2.0]
+    got = rp.exact_sum([np.array([1e-300]), np.array([1e-300])])[0]  # the grid is 2**-(MAX_BITS + 60) there
+    assert 0 < abs(got - 2e-300) <= 2 * 2.0 ** -(rp.MAX_BITS + 60)
+    assert rp.exact_sum([np.array([1e-300]) * 1e-20] * 2)[0] == 0.0
+    # all zeros: zeros (no exponent at all)
+    assert not np.any(rp.exact_sum([np.zeros(5, np.float32)] * 3))
+
+
+# -- the micro-shard rule ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 7, 44, 100, 128, 255, 256, 1000, 1024, 5000])
+def test_shard_range(n):
+    for size in (1, 2, 3, 4, 5, 8, 16):
+        # micro = 1 is numpy.array_split over rows, the reader's rule without --reproducible
+        parts = np.array_split(np.arange(n), size)
+        for rank in range(size):
+            begin, count = rp.shard_range(n, rank, size, 1)
+            assert (begin, count) == ((parts[rank][0] if len(parts[rank]) else begin), len(parts[rank]))
+        # with micro-shards: contiguous, complete, whole micro-shards only, any rank may get none
+        micro = rp.micro_size(n)
+        assert micro in (32, 64, 128)
+        got = [rp.shard_range(n, rank, size, micro) for rank in range(size)]
+        assert got[0][0] == 0 and sum(c for _, c in got) == n
+        cuts = set()
+        for (b, c), (b2, _) in zip(got, got[1:] + [(n, 0)]):
+            assert b + c == b2
+            cuts.add(b)
+        assert all(b % micro == 0 or b == n for b in cuts)
+        ks = [list(rp.local_micro_shards(n, rank, size, micro)) for rank in range(size)]
+        assert sum(ks, []) == list(range(rp.num_micro_shards(n, micro)))
+
+
+# -- training: the same bits at P = 1..4 -------------------------------------------------------
+
+TIMINGS = {"samples_per_second", "comm_share", "wall_seconds", "comm_seconds", "world_size", "flags"}
+
+
+@pytest.fixture(scope="module")
+def small_h5(tmp_path_factory):
+    """300 training rows (batch 128: 128, 128 and a short 44), 150 validation, 150 test."""
+    import h5py
+
+    from paranet.data import default_data_path, write_dataset
+
+    src = default_data_path()
+    if not src.exists():
+        from paranet.data import ensure_default_dataset
+        src = ensure_default_dataset()
+    with h5py.File(src, "r") as f:
+        splits = {s: (f[f"{s}/images"][:n], f[f"{s}/labels"][:n]) for s, n in (("train", 300), ("val", 150), ("test", 150))}
+    return write_dataset(tmp_path_factory.mktemp("repro") / "small.h5", num_classes=10, **splits)
+
+
+def _train(tmp_path, tag, nprocs, *args):
+    out = tmp_path / tag
+    run_train(nprocs, "--reproducible", *args, "--checkpoint", f"{out}.ckpt.h5", "--metrics", f"{out}.json",
+              "--save-params", f"{out}.npz", "--eval-batch-size", "100", timeout=180)
+    with np.load(f"{out}.npz") as f:  # the bytes of the parameter buffer, in its order: Parameters.digest()
+        digest = hashlib.sha256(b"".join(f[k].tobytes() for k in f.files)).hexdigest()
+    metrics = json.loads((tmp_path / f"{tag}.json").read_text())
+    kept = {k: v for k, v in metrics.items() if k not in TIMINGS}
+    kept["history"] = [{k: v for k, v in h.items() if k not in TIMINGS} for h in metrics["history"]]
+    return digest, kept
+
+
+CASES = [  # (model, dtype, batch, allreduce, rank counts): every case has a short last batch
+    ("mlp", "float32", 128, "shm", (1, 2, 3, 4)),  # 128, 128, 44: at P = 3, 4 some ranks get no rows
+    ("mlp", "float64", 100, "mpi", (1, 3, 4)),  # 100 rows split 32+32+32+4: not divisible by P
+    ("cnn", "float32", 64, "mpi", (1, 2, 4)),
+]
+
+
+@pytest.mark.parametrize("model,dtype,batch,allreduce,procs", CASES, ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in CASES])
+def test_training_identical_at_any_rank_count(tmp_path, small_h5, model, dtype, batch, allreduce, procs):
+    results = {}
+    for p in procs:
+        ar = () if p == 1 else ("--allreduce", allreduce)
+        results[p] = _train(tmp_path, f"p{p}", p if p > 1 else None, "--data", small_h5, "--model", model,
+                            "--dtype", dtype, "--batch-size", batch, "--epochs", 2, *ar)
+    digest, metrics = results[procs[0]]
+    assert metrics["steps"] == 2 * -(-300 // batch) and len(metrics["history"]) == 2
+    for p in procs[1:]:
+        assert results[p][0] == digest, f"P={p}: parameters differ from P={procs[0]}"
+        assert results[p][1] == metrics, f"P={p}: metrics differ from P={procs[0]}"
+
+
+def test_resume_at_another_rank_count(tmp_path, small_h5):
+    common = ("--data", small_h5, "--batch-size", 128, "--epochs", 2)
+    whole = _train(tmp_path, "whole", None, *common)
+    # 4 steps at P=2 (into the second epoch), then the rest at P=3 from the checkpoint
+    run_train(2, "--reproducible", *common, "--max-steps", 4, "--checkpoint", tmp_path / "part.ckpt.h5",
+              "--eval-batch-size", 100, timeout=180)
+    resumed = _train(tmp_path, "part", 3, *common, "--resume")
+    assert resumed[0] == whole[0], "resumed at P=3: parameters differ from the uninterrupted run"
+    for key in ("test_loss", "test_accuracy", "steps"):
+        assert resumed[1][key] == whole[1][key]
+    assert resumed[1]["history"][-1] == whole[1]["history"][-1]
+
+
+USER_SCRIPT = textwrap.dedent('''
+    """A user's own graph through the library API (not the trainer): a regression MLP."""
+    import sys
+    import numpy as np
+    from paranet import distributed, nn, activations as act
+    from paranet.graph import Session, placeholder, Variable
+    from paranet.losses import MeanSquareLoss
+    from paranet.train import AdamOptimizer
+
+    dtype, allreduce, nan_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    world = distributed.init(allreduce=allreduce)
+    rng = np.random.default_rng(1)
+    x, y = placeholder((None, 20)), placeholder((None, 3))
+    h = nn.FullConnection(x, Variable(rng.normal(0, 0.3, (20, 32))), Variable(np.zeros(32)), act.relu)
+    out = nn.FullConnection(h, Variable(rng.normal(0, 0.3, (32, 3))), Variable(np.zeros(3)))
+    loss = MeanSquareLoss(out, y)
+    sess = Session(dtype, check_finite=False)
+    dopt = distributed.DistributedOptimizer(AdamOptimizer(1e-2, loss), reproducible=True)  # the one change
+    data = np.random.default_rng(2)
+    X, Y = data.normal(size=(1000, 20)), data.normal(size=(1000, 3))
+    if nan_at >= 0:
+        X[nan_at, 5] = np.nan
+    losses = []
+    for step, n in enumerate([100, 100, 37, 5, 100, 61]):  # uneven, short and tiny global batches
+        lo = step * 100
+        losses.append(sess.run(dopt, {x: world.shard(X[lo:lo + n]), y: world.shard(Y[lo:lo + n])}))
+    if world.rank == 0:
+        print("RESULT", sess.parameters(loss).digest(), repr(losses))
+''')
+
+
+def _user_run(tmp_path, nprocs, dtype="float32", allreduce="auto", nan_at=-1, check=True):
+    script = tmp_path / "user_graph.py"
+    script.write_text(USER_SCRIPT)
+    cmd = [str(MPIEXEC), "-n", str(nprocs), sys.executable, str(script), dtype, allreduce, str(nan_at)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+    return proc
+
+
+def test_user_graph_through_the_library(tmp_path):
+    one = _user_run(tmp_path, 1)
+    assert _user_run(tmp_path, 3) == one
+    assert _user_run(tmp_path, 2, allreduce="mpi") == one
+
+
+def test_non_finite_gradient_names_the_step(tmp_path):
+    proc = _user_run(tmp_path, 2, nan_at=205, check=False)  # row 5 of step 3's batch (rows 200..236)
+    assert proc.returncode != 0
+    assert "non-finite gradient at step 3: micro-shard 0 (rows 0..31 of the global batch of 37)" in proc.stderr, proc.stderr
