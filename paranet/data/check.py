@@ -56,6 +56,8 @@ def check_file(path, splits=SPLITS, content=True):
         DataError: the first problem found, as one line.
     """
     lines, readers = [], []
+    if not splits:
+        raise DataError("expected at least one split to check, got none", file=path)
     try:
         for split in splits:
             readers.append(BatchReader(path, split, prefetch=False, batch_size=1))
