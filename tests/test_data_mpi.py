@@ -61,3 +61,49 @@ def test_mpirun_4_ranks_gather_the_single_process_batches(tmp_path, mnist_h5):
     assert p.returncode == 0, p.stdout + p.stderr
     # ceil(55000 / 130) = 424 steps an epoch on every rank, the last one 10 rows (3, 3, 2, 2)
     assert "OK size=4 steps=848 rows=110000" in p.stdout, p.stdout + p.stderr
+
+
+CHANGED = r'''
+import os, sys
+from mpi4py import MPI
+from paranet.data import BatchReader, DataError
+
+comm = MPI.COMM_WORLD
+path = sys.argv[1]
+r = BatchReader(path, "train", rank=comm.rank, size=comm.size, batch_size=64, prefetch=True)
+it = iter(r.epoch(0))
+next(it)
+comm.barrier()
+if comm.rank == 0:
+    os.truncate(path, 1228800)  # as `truncate -s 1200K` while the job runs
+comm.barrier()
+try:
+    for _ in range(5):
+        next(it)
+    print(f"rank {comm.rank}: NOT DETECTED", flush=True)
+except DataError as e:
+    print(f"rank {comm.rank}: {e}", flush=True)
+try:
+    r.verify_unchanged()
+except DataError as e:
+    print(f"rank {comm.rank} verify: {e}", flush=True)
+'''
+
+
+@pytest.mark.mpi
+def test_mpirun_2_every_rank_notices_the_truncated_file(tmp_path, mnist_h5):
+    import shutil
+    mpirun = Path(sys.executable).parent / "mpirun"
+    if not mpirun.exists():
+        pytest.skip(f"no mpirun next to {sys.executable}")
+    shutil.copyfile(mnist_h5, tmp_path / "d.h5")
+    (tmp_path / "changed.py").write_text(CHANGED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([str(mpirun), "-n", "2", sys.executable, str(tmp_path / "changed.py"), str(tmp_path / "d.h5")],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for rank in (0, 1):
+        assert f"rank {rank}: {tmp_path / 'd.h5'}: /train/images (rank {rank}): expected " in p.stdout, p.stdout
+        assert f"rank {rank} verify: {tmp_path / 'd.h5'} (rank {rank}): expected " in p.stdout, p.stdout
+    assert p.stdout.count("found 1228800: the file was truncated during the run") == 4, p.stdout
