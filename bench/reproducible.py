@@ -268,50 +268,70 @@ def throughput(args):
 
 
 def worker(args):
-    """Under mpiexec: train the same model with and without reproducible, alternating segments."""
+    """Under mpiexec: the trainer's step with and without reproducible, alternating segments.
+
+    Each contender has its own World (a duplicate of COMM_WORLD), so that each gets its own
+    shared-memory sum, and its own reader (the reproducible one hands out whole micro-shards)."""
+    from mpi4py import MPI
+
     from paranet import distributed
     from paranet.data import BatchReader, default_data_path
     from paranet.graph import Session
     from paranet.models import MODELS
     from paranet.train import GradientDescentOptimizer
 
-    world = distributed.init(allreduce="auto", threads=1)
+    distributed.init(allreduce="auto", threads=1)
     contenders = {}
     for name, repro in (("plain", False), ("reproducible", True)):
+        world = distributed.World(comm=MPI.COMM_WORLD.Dup(), allreduce="auto")
         model = MODELS[args.model](rng=np.random.default_rng(0))
         sess = Session(np.float32, check_finite=False)
         dopt = distributed.DistributedOptimizer(GradientDescentOptimizer(0.01, model.loss), world=world, reproducible=repro)
-        contenders[name] = (model, sess, dopt)
-    reader = BatchReader(default_data_path(), "train", rank=world.rank, size=world.size, batch_size=args.batch,
-                         prefetch=False)
-    batches = []
-    it = iter(reader.epoch(0))
-    for _ in range(4):
-        batches.append(next(it))
-    steps = max(3, round(args.samples / args.batch))
-    rates = {k: [] for k in contenders}
+        dopt.broadcast_state(sess.parameters(model.loss))
+        reader = BatchReader(default_data_path(), "train", rank=world.rank, size=world.size, batch_size=args.batch,
+                             prefetch=False)
+        if repro:
+            rp.use_micro_shards(reader)
+        it = iter(reader.epoch(0))
+        batches = [next(it) for _ in range(4)]
+        contenders[name] = (world, model, sess, dopt, batches)
+
+    def one_step(model, sess, dopt, b):  # as paranet.trainer.Trainer.step does it
+        plan = sess.plan(model.loss)
+        feed = {model.x: model.input(b.x), model.y: b.y}
+        if dopt.reproducible:
+            return dopt.reproducible_step(sess, plan, feed, b.n_global)
+        loss_sum = 0.0
+        if b.n_local:
+            sess.forward(plan, feed)
+            sess.backward(plan)
+            loss_sum = float(model.loss.value) * b.n_local
+        return dopt.reduce_and_apply(plan.params, b.n_local, loss_sum, 0, 0, total=b.n_global)
 
     def segment(name, nsteps):
-        model, sess, dopt = contenders[name]
+        world, model, sess, dopt, batches = contenders[name]
         world.barrier()
         t = time.perf_counter()
         for i in range(nsteps):
-            b = batches[i % len(batches)]
-            dopt.step(sess, {model.x: model.input(b.x), model.y: b.y}, total=b.n_global) if hasattr(dopt, "step") \
-                else sess.run(dopt, {model.x: model.input(b.x), model.y: b.y})
+            one_step(model, sess, dopt, batches[i % len(batches)])
         world.barrier()
         return time.perf_counter() - t
 
+    steps = max(3, round(args.samples / args.batch))
+    rates = {k: [] for k in contenders}
     for name in contenders:  # warm-up
         segment(name, 3)
     for _ in range(args.repeats):
         for name in contenders:
-            dt = segment(name, steps)
-            rates[name].append(steps * args.batch / dt)
+            rates[name].append(steps * args.batch / segment(name, steps))
+    world = contenders["plain"][0]
     if world.rank == 0:
         plain, repro = statistics.median(rates["plain"]), statistics.median(rates["reproducible"])
         print(JSON_TAG + json.dumps({"model": args.model, "ranks": world.size, "batch": args.batch, "plain": plain,
-                                     "reproducible": repro, "ratio": repro / plain}), flush=True)
+                                     "reproducible": repro, "ratio": repro / plain,
+                                     "micro": rp.micro_size(args.batch)}), flush=True)
+    for world, *_ in contenders.values():
+        world.close()
 
 
 def main(argv=None):
