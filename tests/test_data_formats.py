@@ -323,3 +323,11 @@ def test_identity_names_the_data_not_the_path(tmp_path):
         assert identity_mismatch(ia, {**rb.identity(), "content_sha256": {**ia["content_sha256"],
                                                                           "val/labels": "0" * 64}}) \
             == "content_sha256 of val/labels differs"
+
+
+def test_unwritable_location_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(DataError, match=r"file/sub/d.h5: expected a writable location, got .*Not a directory"):
+        write_dataset(tmp_path / "file" / "sub" / "d.h5", **bad())
+    with pytest.raises(DataError, match=r"expected a file to write, got a directory"):
+        write_dataset(tmp_path, **bad())

@@ -133,18 +133,23 @@ def write_dataset(path, train=None, val=None, test=None, num_classes=None, *, at
         splits[name] = (X, y)
         for key, arr in ((f"{name}/images", X), (f"{name}/labels", y)):
             content[key] = hash_rows(lambda a, b, arr=arr: arr[a:b], len(arr), arr[0].nbytes or 1)
-    with atomic_path(out) as tmp:
-        with h5py.File(tmp, "w") as f:
-            for name, (X, y) in splits.items():
-                g = f.create_group(name)
-                g.create_dataset("images", data=X, dtype=X.dtype.newbyteorder("<"))  # contiguous
-                g.create_dataset("labels", data=y, dtype=label_dtype)
-            for key, value in (attrs or {}).items():
-                f.attrs[key] = value
-            f.attrs["num_classes"] = num_classes
-            f.attrs["train_mean"], f.attrs["train_std"] = mean, std
-            f.attrs["content_sha256"] = json.dumps(content, sort_keys=True)
-            f.attrs.setdefault("created_utc", datetime.datetime.now(datetime.timezone.utc)
-                               .isoformat(timespec="seconds"))
-            f.attrs["format_version"] = FORMAT_VERSION  # last: an interrupted write never looks complete
+    try:
+        with atomic_path(out) as tmp:
+            with h5py.File(tmp, "w") as f:
+                for name, (X, y) in splits.items():
+                    g = f.create_group(name)
+                    g.create_dataset("images", data=X, dtype=X.dtype.newbyteorder("<"))  # contiguous
+                    g.create_dataset("labels", data=y, dtype=label_dtype)
+                for key, value in (attrs or {}).items():
+                    f.attrs[key] = value
+                f.attrs["num_classes"] = num_classes
+                f.attrs["train_mean"], f.attrs["train_std"] = mean, std
+                f.attrs["content_sha256"] = json.dumps(content, sort_keys=True)
+                f.attrs.setdefault("created_utc", datetime.datetime.now(datetime.timezone.utc)
+                                   .isoformat(timespec="seconds"))
+                f.attrs["format_version"] = FORMAT_VERSION  # last: an interrupted write never looks complete
+    except OSError as e:  # a read-only or full disk, a folder that cannot be made: one line
+        reason = " ".join(str(e).split()) if e.strerror is None else e.strerror
+        reason = reason[len(f"{out}: "):] if reason.startswith(f"{out}: ") else reason
+        raise DataError(f"expected a writable location, got {reason}", file=out) from None
     return out
