@@ -379,8 +379,9 @@ class BatchReader:
             try:  # plain slices: one hyperslab each, never a fancy index
                 raws.append(self._images[a:b])           # (b - a, *sample_shape)
                 labs.append(self._labels[a:b])           # (b - a,)
-            except (OSError, ValueError, TypeError) as e:
-                raise self._error(f"expected readable rows {a}..{b - 1}, got {e}",
+            except (OSError, ValueError, TypeError) as e:  # a changed file is the likelier story: say so
+                change = _describe_change(self._opened, _file_state(os.fstat(self._fd)), ctime=False)
+                raise self._error(change or f"expected readable rows {a}..{b - 1}, got {e}",
                                   dataset=f"/{self.split}/images") from None
             self.reads += 1
             done += b - a
