@@ -101,7 +101,8 @@ def big_member(name, size):
 CIFAR_BAD = {
     "partial record": ({"test_batch.bin": bytes(RECORD * 2 + 5)},
                        r"c.tar.gz: test_batch.bin: expected a whole number of 3073-byte records, got 6151 bytes"),
-    "label 10": ({"data_batch_3.bin": np.concatenate([cifar_records(2, 0), np.full((1, RECORD), 10, np.uint8)]).tobytes()},
+    "label 10": ({"data_batch_3.bin": np.concatenate([cifar_records(2, 0),
+                                                      np.full((1, RECORD), 10, np.uint8)]).tobytes()},
                  r"data_batch_3.bin: expected labels in 0..9, got 10 at record 2"),
     "oversized member": (big_member("data_batch_2.bin", 10001 * RECORD),
                          r"cifar-10-batches-bin/data_batch_2.bin: expected at most 30730000 bytes \(10000 records\), "
@@ -136,8 +137,8 @@ def test_cifar10_archive_that_is_not_cifar(tmp_path, capsys):
 
 def test_cifar10_cli_in_a_process(tmp_path):
     cifar_tarball(tmp_path / "cifar-10-binary.tar.gz")
-    p = subprocess.run([sys.executable, "-m", "paranet.data", "cifar10", "--source", str(tmp_path / "cifar-10-binary.tar.gz"),
-                        "--out", str(tmp_path / "c.h5"), "--val-size", "6"], env=env_with_repo(),
+    p = subprocess.run([sys.executable, "-m", "paranet.data", "cifar10",
+                        "--source", str(tmp_path / "cifar-10-binary.tar.gz"), "--out", str(tmp_path / "c.h5"), "--val-size", "6"], env=env_with_repo(),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout == f"wrote {tmp_path / 'c.h5'}\n", p.stderr
     p = subprocess.run([sys.executable, "-m", "paranet.data", "check", str(tmp_path / "c.h5")], env=env_with_repo(),
@@ -190,7 +191,8 @@ class Payload:
 def test_npz_bad_archives(tmp_path, capsys):
     np.savez(tmp_path / "obj.npz", X=np.array([Payload(str(tmp_path / "pwned"))], dtype=object), y=np.zeros(1, int))
     expect_cli_error(["npz", str(tmp_path / "obj.npz"), "--out", str(tmp_path / "o.h5")],
-                     r"obj.npz: npz: expected plain numeric arrays \(loaded with allow_pickle=False\), got Object arrays",
+                     r"obj.npz: npz: expected plain numeric arrays \(loaded with allow_pickle=False\), "
+                     r"got Object arrays",
                      capsys)
     assert not (tmp_path / "pwned").exists()
     np.savez(tmp_path / "keys.npz", data=np.zeros((3, 2)), target=np.zeros(3))
@@ -209,13 +211,15 @@ def test_npz_bad_archives(tmp_path, capsys):
     expect_cli_error(["npz", str(tmp_path / "lab.npz"), "--out", str(tmp_path / "o.h5"), "--num-classes", "6"],
                      r"o.h5: /\w+/labels: expected labels in 0..5, got 6 at row", capsys)
     expect_cli_error(["npz", str(tmp_path / "lab.npz"), "--out", str(tmp_path / "o.h5"), "--val-size", "20",
-                      "--test-size", "10"], r"lab.npz: X: expected val \+ test sizes below the 30 rows of X, got 20 \+ 10",
+                      "--test-size", "10"],
+                     r"lab.npz: X: expected val \+ test sizes below the 30 rows of X, got 20 \+ 10",
                      capsys)
     (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04 not really")
     expect_cli_error(["npz", str(tmp_path / "zip.npz"), "--out", str(tmp_path / "o.h5")],
                      r"zip.npz: npz: expected a readable .npz archive, got", capsys)
     expect_cli_error(["npz", str(tmp_path / "lab.npz"), "--out", str(tmp_path / "lab.npz")],
-                     r"lab.npz: --out: expected an output other than the inputs, got one of its own source files", capsys)
+                     r"lab.npz: --out: expected an output other than the inputs, got one of its own source files",
+                     capsys)
     assert not (tmp_path / "o.h5").exists()
 
 
@@ -242,8 +246,9 @@ def test_fashion_mnist_from_a_source_folder(tmp_path, capsys):
     with h5py.File(tmp_path / "f.h5", "r") as f:
         assert f.attrs["dataset"] == "fashion-mnist" and f.attrs["num_classes"] == 10
         assert np.array_equal(f["test/images"][:], data["t10k"][0])
-        assert np.array_equal(as_set(np.concatenate([f["train/images"][:], f["val/images"][:]]),
-                                     np.concatenate([f["train/labels"][:], f["val/labels"][:]])), as_set(*data["train"]))
+        got = as_set(np.concatenate([f["train/images"][:], f["val/images"][:]]),
+                     np.concatenate([f["train/labels"][:], f["val/labels"][:]]))
+        assert np.array_equal(got, as_set(*data["train"]))
 
 
 # -- issue 11: items 2, 6, 8, 11 --------------------------------------------------------------
@@ -274,7 +279,8 @@ def test_out_naming_one_of_its_own_sources_is_refused(tmp_path, capsys, monkeypa
 
 @pytest.mark.parametrize("argv, pattern", [
     (["mnist", "--out", "x.h5", "--seed", "-1"], r"--seed: expected an integer in 0..18446744073709551615, got -1"),
-    (["mnist", "--out", "x.h5", "--seed", str(2 ** 64)], r"--seed: expected an integer in 0..\d+, got 18446744073709551616"),
+    (["mnist", "--out", "x.h5", "--seed", str(2 ** 64)],
+     r"--seed: expected an integer in 0..\d+, got 18446744073709551616"),
     (["cifar10", "--out", "x.h5", "--seed", "x"], r"--seed: expected an integer, got 'x'"),
     (["mnist", "--out", "x.h5", "--val-size", "0"], r"--val-size: expected an integer >= 1, got 0"),
     (["fashion-mnist", "--out", "x.h5", "--val-size", "-3"], r"--val-size: expected an integer >= 1, got -3"),

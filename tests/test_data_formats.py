@@ -55,7 +55,8 @@ def test_write_then_read_any_shape_and_dtype(tmp_path, case):
         assert a["train_mean"] == pytest.approx(t.mean(), rel=1e-12)
         assert a["train_std"] == pytest.approx(t.std(), rel=1e-12)
         sums = json.loads(a["content_sha256"])
-        assert sums["train/images"] == hashlib.sha256(Xtr.astype(np.dtype(dtype).newbyteorder("<")).tobytes()).hexdigest()
+        little = Xtr.astype(np.dtype(dtype).newbyteorder("<"))
+        assert sums["train/images"] == hashlib.sha256(little.tobytes()).hexdigest()
         assert sums["val/labels"] == hashlib.sha256(yva.astype(np.uint8).tobytes()).hexdigest()
         for s, X in (("train", Xtr), ("val", Xva), ("test", Xte)):
             assert f[f"{s}/images"].chunks is None and f[f"{s}/images"].shape == X.shape
@@ -202,8 +203,9 @@ READ_CASES = {
                             r"/train/labels \(rank 0\): expected labels in 0..3, got -5 at row 5"),
     "float labels": (dict(labels=np.zeros(8, np.float32)), r"/train/labels \(rank 0\): expected an integer dtype, "
                                                            r"got float32"),
-    "features of rank 1": (dict(images=np.zeros(8, np.float32)), r"/train/images \(rank 0\): expected shape \(N, \.\.\.\) "
-                                                                r"with at least one dimension per sample, got \(8,\)"),
+    "features of rank 1": (dict(images=np.zeros(8, np.float32)),
+                           r"/train/images \(rank 0\): expected shape \(N, \.\.\.\) with at least one dimension per "
+                           r"sample, got \(8,\)"),
     "int16 features": (dict(images=np.zeros((8, 3, 4), np.int16)),
                        r"/train/images \(rank 0\): expected dtype uint8, float32 or float64, got int16"),
     "chunked and compressed": (dict(images=chunked), r"/train/images \(rank 0\): expected a contiguous dataset "

@@ -64,7 +64,8 @@ def check_file(path, splits=SPLITS, content=True):
         r0 = readers[0]
         scale = "[0, 1] scale" if r0.feature_dtype == np.uint8 else "raw scale"
         lines.append(f"{path}: format {r0.format_version}, {r0.num_classes} classes, samples "
-                     f"{r0.sample_shape} {r0.feature_dtype}, train_mean {r0.mean:.6g}, train_std {r0.std:.6g} ({scale})")
+                     f"{r0.sample_shape} {r0.feature_dtype}, train_mean {r0.mean:.6g}, train_std {r0.std:.6g} "
+                     f"({scale})")
         for r in readers:
             stats = Stats(r.feature_dtype) if r.split == "train" else None
             counts = _scan(r, stats)

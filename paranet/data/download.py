@@ -6,7 +6,6 @@ import urllib.request
 from pathlib import Path
 
 from .errors import DataError
-from .idx import IDX_NAMES
 
 # Tried in this order; a failed or corrupted download moves on to the next one.
 MIRRORS = (  # MNIST
