@@ -1,17 +1,27 @@
 """Activations: relu, sigmoid, softmax and Line (identity), usable as ops and as layer activations."""
 import numpy as np
 
+from .layout import batch_last, layout_grad_buffer, nchw_buffer
 from .ops import Elementwise
 
 
 class Relu(Elementwise):
+    """max(x, 0); a 4-D input stored batch-last (paranet.layout) gives an output stored alike."""
+
+    takes_batch_last = True
+    grad_buffer = layout_grad_buffer
+
     def forward(self, x):
-        return np.maximum(x, 0, out=self.out(x))
+        y = nchw_buffer(self, "out", x.shape, x.dtype, batch_last(x) is not None) if x.ndim == 4 else self.out(x)
+        return np.maximum(x, 0, out=y)
 
     def backward(self, g, out):
         # d relu(x) = [x > 0] dx; a boolean mask (from relu(x) > 0) is the cheapest to build
         # and to multiply by (measured: 6.0 us against 9.2 us for a float mask, 128 x 128 float32)
-        mask = np.greater(self.value, 0, out=self.buffer("mask", g.shape, np.bool_))
+        y = self.value
+        mask = (nchw_buffer(self, "mask", y.shape, np.bool_, batch_last(y) is not None) if y.ndim == 4
+                else self.buffer("mask", y.shape, np.bool_))
+        np.greater(y, 0, out=mask)
         np.multiply(g, mask, out=out[0])
 
 

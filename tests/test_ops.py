@@ -187,7 +187,34 @@ OPS = {
         lambda x, K, b, W, c, y: -np.sum(
             y * np_log_softmax(np_dense(np_maxpool(np_sigmoid(np_conv2d(x, K, b)))[0], W, c))) / len(x),
     ),
+    # conv and pool ops handing batch-last arrays to each other (paranet.layout): a fused relu,
+    # a separate relu, padding, a floored pool, then a Dense layer that takes C order
+    "cnn-batch-last-chain": (
+        [normal(3, 2, 9, 9), normal(3, 2, 3, 3), normal(3), normal(4, 3, 2, 2), normal(4), normal(16, 3), normal(3),
+         labels(3, 3)],
+        lambda x, K1, b1, K2, b2, W, c, y: pn.SoftmaxCrossEntropy(pn.nn.FullConnection(pn.nn.MaxPool(pn.relu(
+            pn.nn.Conv2D(pn.nn.MaxPool(pn.nn.Conv2D(x, K1, b1, pn.relu)), K2, b2, padding=1))), W, c, pn.softmax), y),
+        lambda x, K1, b1, K2, b2, W, c, y: -np.sum(y * np_log_softmax(np_dense(np_maxpool(np.maximum(np_conv2d(
+            np_maxpool(np.maximum(np_conv2d(x, K1, b1), 0))[0], K2, b2, 1, 1), 0))[0], W, c))) / len(x),
+    ),
+    # a pool read by a conv (batch-last) and by a Dense layer (C order): it must give C order
+    "cnn-mixed-consumers": (
+        [normal(3, 2, 6, 6), normal(2, 2, 3, 3), normal(2), normal(2, 2, 2, 2), normal(2), normal(8, 2), normal(18, 2)],
+        lambda x, K1, b1, K2, b2, W1, W2: _two_readers(pn.nn.MaxPool(pn.nn.Conv2D(x, K1, b1, pn.relu)), K2, b2, W1, W2),
+        lambda x, K1, b1, K2, b2, W1, W2: _np_two_readers(np_maxpool(np.maximum(np_conv2d(x, K1, b1), 0))[0],
+                                                          K2, b2, W1, W2),
+    ),
 }
+
+
+def _two_readers(h, K2, b2, W1, W2):
+    """h read by a Dense layer and by a conv."""
+    zeros = pn.Variable(np.zeros(2), trainable=False)
+    return pn.nn.Dense(h, W1, zeros) + pn.nn.Dense(pn.nn.Conv2D(h, K2, b2, padding=1), W2, zeros)
+
+
+def _np_two_readers(h, K2, b2, W1, W2):
+    return np_dense(h, W1, np.zeros(2)) + np_dense(np_conv2d(h, K2, b2, 1, 1), W2, np.zeros(2))
 
 
 def build(row_id, seed=0):

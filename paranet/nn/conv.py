@@ -1,8 +1,10 @@
-"""Conv2D and MaxPool on NCHW arrays: im2col + one batched matmul, col2im by strided slices."""
+"""Conv2D and MaxPool on NCHW arrays stored batch-last between them: im2col + one GEMM, col2im by strided slices."""
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..activations import relu
 from ..graph import GraphError, Node, _fmt_shape
+from ..layout import batch_last, consumers_take_batch_last, layout_grad_buffer, nchw_buffer
 
 
 def _pair(v, what):
@@ -20,10 +22,19 @@ def _out_size(size, window, stride, pad=0):
 
 class Conv2DOp(Node):
     """Cross-correlation of x (N, C, H, W) with kernels K (O, C, kh, kw) plus bias b (O,),
-    zero-padded, as ``torch.nn.functional.conv2d``; output (N, O, Ho, Wo)."""
+    zero-padded, as ``torch.nn.functional.conv2d``; output (N, O, Ho, Wo), then max(., 0) when
+    ``relu`` (the activation fused: no separate node, no extra pass over the output).
 
-    def __init__(self, x, K, b, stride=1, padding=0, name=None):
+    Storage is batch-last (see paranet.layout): the input is read as (C, H, W, N), im2col builds
+    one (C*kh*kw + 1, Ho*Wo*N) matrix whose last row is ones, and one GEMM [K | b] @ col gives
+    the output as (O, Ho, Wo, N); the kernel and bias gradients are one GEMM g @ col.T.
+    """
+
+    takes_batch_last = True
+
+    def __init__(self, x, K, b, stride=1, padding=0, relu=False, name=None):
         super().__init__(x, K, b, name=name)
+        self.relu = bool(relu)
         self.stride = _pair(stride, f"{self!r}: stride")
         self.padding = _pair(padding, f"{self!r}: padding")
         if min(self.stride) < 1 or min(self.padding) < 0:
@@ -44,6 +55,8 @@ class Conv2DOp(Node):
         if any(d is not None and d < 1 for d in self.shape[2:]):
             raise GraphError(f"{self!r}: kernels {kh}x{kw} with padding {self.padding} do not fit input '{x.name}' {_fmt_shape(x.shape)}")
 
+    grad_buffer = layout_grad_buffer
+
     def _check(self, x, K):
         O, C, kh, kw = K.shape
         (ph, pw) = self.padding
@@ -56,24 +69,34 @@ class Conv2DOp(Node):
         O, _, kh, kw = K.shape
         (sh, sw), (ph, pw) = self.stride, self.padding
         Ho, Wo = _out_size(H, kh, sh, ph), _out_size(W, kw, sw, pw)
-        if ph or pw:  # xp: (N, C, H + 2ph, W + 2pw), zero border
-            xp = self.buffer("xpad", (N, C, H + 2 * ph, W + 2 * pw), x.dtype)
-            xp[:, :, :ph] = 0
-            xp[:, :, H + ph:] = 0
-            xp[:, :, :, :pw] = 0
-            xp[:, :, :, W + pw:] = 0
-            xp[:, :, ph:ph + H, pw:pw + W] = x
-        else:
-            xp = x
-        # windows: (N, C, Ho, Wo, kh, kw) view; col: (N, C, kh, kw, Ho, Wo) == (N, C*kh*kw, Ho*Wo)
-        windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-        col = self.buffer("col", (N, C, kh, kw, Ho, Wo), x.dtype)
-        np.copyto(col, windows.transpose(0, 1, 4, 5, 2, 3))
-        col = col.reshape(N, C * kh * kw, Ho * Wo)
-        # y[n] = K2 @ col[n] + b, K2: (O, C*kh*kw)
-        y = self.buffer("out", (N, O, Ho, Wo), x.dtype)
-        np.matmul(K.reshape(O, -1), col, out=y.reshape(N, O, Ho * Wo))
-        y += b.reshape(O, 1, 1)
+        ckk, cols = C * kh * kw, Ho * Wo * N
+        xp = batch_last(x)  # xp: (C, H + 2ph, W + 2pw, N), zero border
+        if xp is None or ph or pw:
+            xp = self.buffer("xpad", (C, H + 2 * ph, W + 2 * pw, N), x.dtype)
+            if ph or pw:
+                xp[:, :ph] = 0
+                xp[:, H + ph:] = 0
+                xp[:, :, :pw] = 0
+                xp[:, :, W + pw:] = 0
+            np.copyto(xp[:, ph:ph + H, pw:pw + W], x.transpose(1, 2, 3, 0))
+        # col: (C*kh*kw + 1, Ho*Wo*N); row (c, u, v) holds xp[c, i*sh + u, j*sw + v, n] over (i, j, n),
+        # each (j, n) run contiguous at stride 1; the last row is ones, the bias's input
+        col = self.buffer("col", (ckk + 1, cols), x.dtype)
+        windows = sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]  # (C, Ho, Wo, N, kh, kw)
+        np.copyto(col[:ckk].reshape(C, kh, kw, Ho, Wo, N), windows.transpose(0, 4, 5, 1, 2, 3))
+        col[ckk] = 1
+        kb = self.buffer("kb", (O, ckk + 1), x.dtype)  # [K2 | b], K2: (O, C*kh*kw)
+        kb[:, :ckk] = K.reshape(O, ckk)
+        kb[:, ckk] = b
+        # y = [K2 | b] @ col: (O, Ho*Wo*N), i.e. (O, Ho, Wo, N) batch-last
+        yt = self.buffer("out/batch-last", (O, Ho, Wo, N), x.dtype)
+        np.matmul(kb, col, out=yt.reshape(O, cols))
+        if self.relu:
+            np.maximum(yt, 0, out=yt)
+        if consumers_take_batch_last(self):
+            return yt.transpose(3, 0, 1, 2)
+        y = self.buffer("out", (N, O, Ho, Wo), x.dtype)  # a consumer that wants C order (a Dense layer)
+        np.copyto(y, yt.transpose(3, 0, 1, 2))
         return y
 
     def backward(self, g, out):
@@ -82,29 +105,39 @@ class Conv2DOp(Node):
         O, _, kh, kw = K.shape
         (sh, sw), (ph, pw) = self.stride, self.padding
         Ho, Wo = g.shape[2:]
-        g2 = g.reshape(N, O, Ho * Wo)
-        if out[2] is not None:
-            # db = sum of g over batch and positions
-            np.sum(g2.sum(axis=2), axis=0, out=out[2])
-        if out[1] is not None:
-            # dK = sum_n g[n] @ col[n].T
-            col = self._buffers["col"].reshape(N, C * kh * kw, Ho * Wo)
-            dKn = self.buffer("dKn", (N, O, C * kh * kw), g.dtype)
-            np.matmul(g2, col.transpose(0, 2, 1), out=dKn)
-            np.sum(dKn, axis=0, out=out[1].reshape(O, -1))
-        if out[0] is not None:
-            # dcol = K2.T @ g, then col2im: dx[window of tap (u, v)] += dcol[u, v]. Both in a
-            # batch-last layout, where each tap's strided slice has long contiguous rows.
-            gt = self.buffer("gt", (O, Ho, Wo, N), g.dtype)  # gt: (O, Ho, Wo, N)
+        ckk, cols = C * kh * kw, Ho * Wo * N
+        gt = batch_last(g)  # gt: (O, Ho, Wo, N)
+        if gt is None:
+            gt = self.buffer("gt", (O, Ho, Wo, N), g.dtype)
             np.copyto(gt, g.transpose(1, 2, 3, 0))
-            dcol = self.buffer("dcol", (C, kh, kw, Ho, Wo, N), g.dtype)
-            np.matmul(K.reshape(O, -1).T, gt.reshape(O, Ho * Wo * N), out=dcol.reshape(C * kh * kw, Ho * Wo * N))
-            dxt = self.buffer("dxt", (C, H + 2 * ph, W + 2 * pw, N), g.dtype)
+        g2 = gt.reshape(O, cols)
+        if self.relu:
+            # relu: the gradient passes where the output is positive; g2 = g * [y > 0]
+            y2 = self._buffers["out/batch-last"].reshape(O, cols)
+            mask = np.greater(y2, 0, out=self.buffer("mask", (O, cols), np.bool_))
+            g2 = np.multiply(g2, mask, out=self.buffer("g-relu", (O, cols), g.dtype))
+        if out[1] is not None or out[2] is not None:
+            # [dK | db] = g2 @ col.T: the ones row of col sums g over the batch and the positions
+            dkb = self.buffer("dkb", (O, ckk + 1), g.dtype)
+            np.matmul(g2, self._buffers["col"].T, out=dkb)
+            if out[1] is not None:
+                out[1].reshape(O, ckk)[...] = dkb[:, :ckk]
+            if out[2] is not None:
+                out[2][...] = dkb[:, ckk]
+        if out[0] is not None:
+            # dcol = K2.T @ g2, then col2im: dx[window of tap (u, v)] += dcol[(c, u, v)], batch-last,
+            # where each tap's strided slice moves contiguous runs of the batch
+            dcol = self.buffer("dcol", (ckk, cols), g.dtype)
+            np.matmul(K.reshape(O, ckk).T, g2, out=dcol)
+            dcol = dcol.reshape(C, kh, kw, Ho, Wo, N)
+            direct = None if ph or pw else batch_last(out[0])  # accumulate in place when dx is batch-last
+            dxt = direct if direct is not None else self.buffer("dxt", (C, H + 2 * ph, W + 2 * pw, N), g.dtype)
             dxt.fill(0)
             for u in range(kh):
                 for v in range(kw):
                     dxt[:, u:u + sh * (Ho - 1) + 1:sh, v:v + sw * (Wo - 1) + 1:sw] += dcol[:, u, v]
-            np.copyto(out[0], dxt[:, ph:ph + H, pw:pw + W].transpose(3, 0, 1, 2))
+            if direct is None:
+                np.copyto(out[0], dxt[:, ph:ph + H, pw:pw + W].transpose(3, 0, 1, 2))
 
 
 def Conv2D(x, K, b, activation=None, stride=1, padding=0, name=None):
@@ -120,8 +153,11 @@ def Conv2D(x, K, b, activation=None, stride=1, padding=0, name=None):
         name: shown in error messages.
     Returns:
         the activation's node, or the convolution node (N, out_channels, Ho, Wo) with
-        Ho = (H + 2 ph - kh) // sh + 1 and likewise Wo.
+        Ho = (H + 2 ph - kh) // sh + 1 and likewise Wo; with ``paranet.relu`` the convolution
+        node itself, the relu fused into it.
     """
+    if activation is relu:  # fused into the convolution: one node, relu applied in place
+        return Conv2DOp(x, K, b, stride=stride, padding=padding, relu=True, name=name)
     y = Conv2DOp(x, K, b, stride=stride, padding=padding, name=name)
     return y if activation is None else activation(y)
 
@@ -130,8 +166,11 @@ class MaxPoolOp(Node):
     """Max over (kh, kw) windows of x (N, C, H, W) moved by (sh, sw); sizes are floored like torch.
 
     Backward routes each window's gradient to exactly one position, its argmax; on ties that is
-    the first maximum in row-major order within the window (as torch does).
+    the first maximum in row-major order within the window (as torch does). The work runs in the
+    input's layout: on a batch-last input every tap is a strided view of contiguous batch runs.
     """
+
+    takes_batch_last = True
 
     def __init__(self, x, size=2, stride=None, name=None):
         super().__init__(x, name=name)
@@ -146,16 +185,22 @@ class MaxPoolOp(Node):
         self.shape = (N, C, _out_size(H, kh, sh), _out_size(W, kw, sw))
         if any(d is not None and d < 1 for d in self.shape[2:]):
             raise GraphError(f"{self!r}: window {kh}x{kw} does not fit input '{x.name}' {_fmt_shape(x.shape)}")
-        self.tiled = self.size == self.stride  # non-overlapping windows: the reshape fast path
+        self.tiled = self.size == self.stride  # non-overlapping windows: each position in one window at most
 
-    def taps(self, a, Ho, Wo):
-        """The kh*kw strided views a[n, c, i*sh + u, j*sw + v] over (i, j), tap (u, v) in row-major order."""
+    grad_buffer = layout_grad_buffer
+
+    def taps(self, a, Ho, Wo, axis):
+        """The kh*kw strided views a[..., i*sh + u, j*sw + v, ...] over (i, j) of the spatial axes
+        ``axis`` and ``axis + 1``, tap (u, v) in row-major order."""
         (kh, kw), (sh, sw) = self.size, self.stride
-        N, C = a.shape[:2]
-        if self.tiled:  # non-overlapping windows: (N, C, Ho, kh, Wo, kw) is a reshape of the crop
-            a6 = a[:, :, :Ho * kh, :Wo * kw].reshape(N, C, Ho, kh, Wo, kw)
-            return [a6[:, :, :, u, :, v] for u in range(kh) for v in range(kw)]
-        return [a[:, :, u:u + sh * (Ho - 1) + 1:sh, v:v + sw * (Wo - 1) + 1:sw] for u in range(kh) for v in range(kw)]
+        lead = (slice(None),) * axis
+        return [a[lead + (slice(u, u + sh * (Ho - 1) + 1, sh), slice(v, v + sw * (Wo - 1) + 1, sw))]
+                for u in range(kh) for v in range(kw)]
+
+    @staticmethod
+    def _work_order(a, batch_last_order):
+        """``a`` (N, C, H, W) indexed as the work runs: (C, H, W, N) on batch-last input, else as is."""
+        return a.transpose(1, 2, 3, 0) if batch_last_order else a
 
     def forward(self, x):
         (kh, kw), (sh, sw) = self.size, self.stride
@@ -163,35 +208,61 @@ class MaxPoolOp(Node):
             raise GraphError(f"{self!r}: expected input (N, C, H >= {kh}, W >= {kw}), got {_fmt_shape(x.shape)}")
         N, C, H, W = x.shape
         Ho, Wo = _out_size(H, kh, sh), _out_size(W, kw, sw)
-        taps = self.taps(x, Ho, Wo)
-        y = self.buffer("out", (N, C, Ho, Wo), x.dtype)
-        np.copyto(y, taps[0])
+        bl = batch_last(x) is not None and N > 1  # work batch-last (spatial axes 1, 2) or NCHW (2, 3)
+        axis = 1 if bl else 2
+        taps = self.taps(self._work_order(x, bl), Ho, Wo, axis)
+        y = nchw_buffer(self, "out", (N, C, Ho, Wo), x.dtype, bl and consumers_take_batch_last(self))
+        ya = self._work_order(y, bl)
+        m = ya if ya.flags.c_contiguous else self.buffer("max", ya.shape, x.dtype)  # a contiguous max, then one copy
+        np.copyto(m, taps[0])
         for t in taps[1:]:
-            np.maximum(y, t, out=y)
+            np.maximum(m, t, out=m)
+        if m is not ya:
+            np.copyto(ya, m)
         return y
 
     def backward(self, g, out):
         # dx[argmax position of each window] = g; other positions get 0 (or, with overlapping
         # windows, the sum over the windows whose argmax they are). The argmax is the first tap,
-        # in row-major order, equal to the window's maximum: ``taken`` marks windows routed.
+        # in row-major order, equal to the window's maximum.
         x, y, dx = self.last[0].value, self.value, out[0]
-        Ho, Wo = g.shape[2:]
+        N, C, Ho, Wo = g.shape
         kh, kw = self.size
+        bl = batch_last(x) is not None and N > 1
+        axis = 1 if bl else 2
+        xa, ya, dxa = (self._work_order(a, bl) for a in (x, y, dx))
+        ga = self._work_order(g, bl)
+        if not ga.flags.c_contiguous:
+            ga = self.buffer("g", ga.shape, g.dtype)
+            np.copyto(ga, self._work_order(g, bl))
+        if not ya.flags.c_contiguous:
+            ya = self._buffers["max"]  # the forward's contiguous copy of the maximum
         if not self.tiled or dx.shape[2] != Ho * kh or dx.shape[3] != Wo * kw:
             dx.fill(0)  # overlapping windows add up; floored rows/columns get no gradient
-        mask = self.buffer("mask", g.shape, bool)
-        taken = self.buffer("taken", g.shape, bool)
+        eq = self.buffer("eq", ga.shape, np.bool_)
+        x_taps, dx_taps = self.taps(xa, Ho, Wo, axis), self.taps(dxa, Ho, Wo, axis)
+        if self.tiled:
+            # rest: the gradient of the windows not routed yet; a tap equal to the maximum takes
+            # it all, and the last tap takes what is left (it holds the maximum there)
+            rest = self.buffer("rest", ga.shape, g.dtype)
+            for t, (x_tap, dx_tap) in enumerate(zip(x_taps, dx_taps)):
+                src = ga if t == 0 else rest
+                if t == len(x_taps) - 1:
+                    np.copyto(dx_tap, src)
+                    break
+                np.equal(x_tap, ya, out=eq)
+                np.multiply(src, eq, out=dx_tap)
+                np.subtract(src, dx_tap, out=rest)
+            return
+        taken = self.buffer("taken", ga.shape, np.bool_)
         taken.fill(False)
-        tap = self.buffer("tap", g.shape, g.dtype)
-        for x_tap, dx_tap in zip(self.taps(x, Ho, Wo), self.taps(dx, Ho, Wo)):
-            np.equal(x_tap, y, out=mask)
-            np.greater(mask, taken, out=mask)  # mask and not taken
-            taken |= mask
-            if self.tiled:
-                np.multiply(g, mask, out=dx_tap)
-            else:
-                np.multiply(g, mask, out=tap)
-                dx_tap += tap
+        tap = self.buffer("tap", ga.shape, g.dtype)
+        for x_tap, dx_tap in zip(x_taps, dx_taps):
+            np.equal(x_tap, ya, out=eq)
+            np.greater(eq, taken, out=eq)  # equal and not taken
+            taken |= eq
+            np.multiply(ga, eq, out=tap)
+            dx_tap += tap
 
 
 def MaxPool(x, size=2, stride=None, name=None):
