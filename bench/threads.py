@@ -47,26 +47,29 @@ def train_args(args, data, tmp, tag):
 
 
 def run_case(cmd, env, metrics, cwd, timeout):
-    """Run one training; (samples/s, the header's BLAS-thread line or None)."""
+    """Run one training; (its metrics, the header's first line or None)."""
     metrics.unlink(missing_ok=True)
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0 or not metrics.exists():
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed (exit {p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
     blas = next((line.strip() for line in p.stdout.splitlines() if "BLAS thread" in line), None)
-    return json.loads(metrics.read_text())["samples_per_second"], blas
+    return json.loads(metrics.read_text()), blas
 
 
 def alternate(cases, repeats, timeout):
     """Run ``cases`` ({label: (cmd, env, metrics path, cwd)}) round-robin ``repeats`` times."""
-    out = {label: {"samples_per_s": [], "command": " ".join(map(str, c[0]))} for label, c in cases.items()}
+    out = {label: {"samples_per_s": [], "comm_share": [], "command": " ".join(map(str, c[0]))} for label, c in cases.items()}
     for _ in range(repeats):
         for label, (cmd, env, metrics, cwd) in cases.items():
-            sps, blas = run_case(cmd, env, metrics, cwd, timeout)
+            m, blas = run_case(cmd, env, metrics, cwd, timeout)
+            sps = m["samples_per_second"]
             out[label]["samples_per_s"].append(sps)
+            out[label]["comm_share"].append(m.get("comm_share", 0.0))
             out[label]["header"] = blas
             print(f"bench.threads: {label}: {sps:,.0f} samples/s", file=sys.stderr, flush=True)
     for r in out.values():
         r["median"] = statistics.median(r["samples_per_s"])
+        r["comm_share_median"] = statistics.median(r["comm_share"])
     return out
 
 
@@ -138,15 +141,16 @@ def main(argv=None):
         if args.before:
             old = Path(tmp) / "before"
             old.mkdir()
-            archive = subprocess.run(["git", "archive", args.before, "paranet"], cwd=REPO, capture_output=True, check=True).stdout
+            archive = subprocess.run(["git", "archive", args.before, "paranet", "datasets/mnist"], cwd=REPO, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
             codes = {f"before ({args.before}) ": old, "now: ": REPO}
+        datas = {tag: data if code == REPO else old_dataset(args, code, tmp) for tag, code in codes.items()}
         results["bound"] = {}
         for tag, code in codes.items():
-            results["bound"][tag.strip() or "now"] = compare(bound_cases(args, code, data, tmp, cpu, tag),
+            results["bound"][tag.strip() or "now"] = compare(bound_cases(args, code, datas[tag], tmp, cpu, tag),
                                                              args.repeats, args.timeout)
 
-        results["two_hosts"] = two_hosts(args, codes, data, tmp)
+        results["two_hosts"] = two_hosts(args, codes, datas, tmp)
     results["load_average_after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "threads.json").write_text(json.dumps(results, indent=2))
@@ -154,7 +158,15 @@ def main(argv=None):
     return results
 
 
-def two_hosts(args, codes, data, tmp):
+def old_dataset(args, code, tmp):
+    """MNIST converted by the older paranet in ``code`` (its file format may differ from today's)."""
+    path = Path(tmp) / "before-mnist.h5"
+    subprocess.run([args.python, "-m", "paranet.data", "mnist", "--out", str(path)], cwd=tmp, env=run_env(code),
+                   check=True, capture_output=True, timeout=600)
+    return path
+
+
+def two_hosts(args, codes, datas, tmp):
     """The two-host comparison, or why it was skipped."""
     if args.no_two_hosts:
         return {"skipped": "--no-two-hosts"}
@@ -167,7 +179,8 @@ def two_hosts(args, codes, data, tmp):
     out = {}
     try:
         for tag, code in codes.items():
-            out[tag.strip() or "now"] = compare(two_host_cases(args, code, data, tmp, hosts, tag), args.repeats, args.timeout)
+            out[tag.strip() or "now"] = compare(two_host_cases(args, code, datas[tag], tmp, hosts, tag), args.repeats,
+                                                args.timeout)
     finally:
         hosts.delete()
     return out
@@ -186,7 +199,8 @@ def report(results):
             continue
         for code, r in res.items():
             for label, c in r["cases"].items():
-                print(f"  {label:<52} {c['median']:>9,.0f} samples/s  {(c['header'] or '').rsplit('; ', 1)[-1]}")
+                print(f"  {label:<52} {c['median']:>9,.0f} samples/s  comm {100 * c['comm_share_median']:4.1f}%  "
+                      f"{(c['header'] or '').rsplit('; ', 1)[-1]}")
             for name, q in r["ratios"].items():
                 verdict = "" if q["target"] is None else f"  target >= {q['target']}: {'PASS' if q['ratio'] >= q['target'] else 'FAIL'}"
                 print(f"  {'ratio ' + name:<52} {q['ratio']:>9.3f}  per round {', '.join(f'{x:.2f}' for x in q['paired'])}{verdict}")
