@@ -386,7 +386,9 @@ class MicroShardSteps:
             tail[self.TAIL + k] = _float_bits(float(loss.value) * count)
             if metric is not None:
                 correct += int(metric(slice(a, a + count)))
-        code = exponent_of([self._stash[i] for i in range(len(ks))])
+        code = exponent_of([self._stash[:len(ks)]])  # one max and one min over all partials
+        if code >= NONFINITE:  # which partial: look again one by one
+            code = exponent_of([self._stash[i] for i in range(len(ks))])
         if code >= NONFINITE:  # name the global micro-shard: the max over ranks then finds the first
             code = NONFINITE + (total_k - ks[len(ks) - (code - NONFINITE)])
         t0 = time.perf_counter()
