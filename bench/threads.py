@@ -125,7 +125,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="training steps a run (default 300)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each case, alternated (default 3)")
     p.add_argument("--before", metavar="COMMIT", help="also run paranet as it was at COMMIT")
-    p.add_argument("--no-two-hosts", action="store_true", help="skip the network-namespace comparison")
+    p.add_argument("--parts", nargs="+", choices=["bound", "two-hosts"], default=["bound", "two-hosts"],
+                   help="which comparisons to run (default both)")
     p.add_argument("--python", default=sys.executable, help="interpreter of the runs, mpiexec beside it")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for threads.json")
     p.add_argument("--timeout", type=int, default=300, help="seconds one run may take")
@@ -145,8 +146,8 @@ def main(argv=None):
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
             codes = {f"before ({args.before}) ": old, "now: ": REPO}
         datas = {tag: data if code == REPO else old_dataset(args, code, tmp) for tag, code in codes.items()}
-        results["bound"] = {}
-        for tag, code in codes.items():
+        results["bound"] = {} if "bound" in args.parts else {"skipped": "--parts"}
+        for tag, code in codes.items() if "bound" in args.parts else ():
             results["bound"][tag.strip() or "now"] = compare(bound_cases(args, code, datas[tag], tmp, cpu, tag),
                                                              args.repeats, args.timeout)
 
@@ -168,8 +169,8 @@ def old_dataset(args, code, tmp):
 
 def two_hosts(args, codes, datas, tmp):
     """The two-host comparison, or why it was skipped."""
-    if args.no_two_hosts:
-        return {"skipped": "--no-two-hosts"}
+    if "two-hosts" not in args.parts:
+        return {"skipped": "--parts"}
     sys.path.insert(0, str(REPO / "tests"))
     from cluster.netns import TwoHosts, missing_requirement
     reason = missing_requirement()
