@@ -200,6 +200,15 @@ class FixedPoint:
         once in float64 (within one rounding of the exact value)."""
         scale = 2.0 ** -self.bits
         info = np.finfo(out.dtype)
+        with np.errstate(over="ignore"):  # an overflow is looked for below, and named
+            self._to_float(total, out, scale, divisor, info)
+        if HEADROOM - self.bits >= info.maxexp:  # |sum| < 2**(62 - bits) may not fit: look
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not np.isfinite(out).all():
+                    raise ExactSumError(f"a sum exceeds the largest {out.dtype} ({info.max:.3g}) and cannot be held")
+        return out
+
+    def _to_float(self, total, out, scale, divisor, info):
         if self.words == 2:
             self._two_words_to_float(total, out, scale / divisor)
         elif divisor == 1.0 and info.tiny <= scale <= info.max / 2.0 ** 63:  # every result a normal number
@@ -207,11 +216,6 @@ class FixedPoint:
             out *= out.dtype.type(scale)
         else:
             np.multiply(total, scale / divisor, out=out, casting="unsafe")
-        if HEADROOM - self.bits >= info.maxexp:  # |sum| < 2**(62 - bits) may not fit: look
-            with np.errstate(over="ignore", invalid="ignore"):
-                if not np.isfinite(out).all():
-                    raise ExactSumError(f"a sum exceeds the largest {out.dtype} ({info.max:.3g}) and cannot be held")
-        return out
 
     def _two_words_to_float(self, total, out, scale):
         n, L = self.n, self.lo_bits
