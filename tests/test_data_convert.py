@@ -282,8 +282,9 @@ def test_out_naming_one_of_its_own_sources_is_refused(tmp_path, capsys, monkeypa
     (["mnist", "--out", "x.h5", "--seed", str(2 ** 64)],
      r"--seed: expected an integer in 0..\d+, got 18446744073709551616"),
     (["cifar10", "--out", "x.h5", "--seed", "x"], r"--seed: expected an integer, got 'x'"),
-    (["mnist", "--out", "x.h5", "--val-size", "0"], r"--val-size: expected an integer >= 1, got 0"),
-    (["fashion-mnist", "--out", "x.h5", "--val-size", "-3"], r"--val-size: expected an integer >= 1, got -3"),
+    (["mnist", "--out", "x.h5", "--val-size", "-1"], r"--val-size: expected an integer >= 0, got -1"),
+    (["fashion-mnist", "--out", "x.h5", "--val-size", "-3"], r"--val-size: expected an integer >= 0, got -3"),
+    (["npz", "a.npz", "--out", "x.h5", "--test-size", "-1"], r"--test-size: expected an integer >= 0, got -1"),
     (["npz", "a.npz", "--out", "x.h5", "--num-classes", "1"], r"--num-classes: expected an integer >= 2, got 1"),
 ])
 def test_bad_flags_are_argparse_errors(tmp_path, capsys, argv, pattern):
@@ -295,13 +296,35 @@ def test_bad_flags_are_argparse_errors(tmp_path, capsys, argv, pattern):
     assert not (tmp_path / "x.h5").exists()
 
 
-def test_val_size_zero_is_refused_by_the_library_too(tmp_path):
-    # issue 11 item 6: a file without /val is never written (every paranet file has a non-empty /val)
-    idx_set(tmp_path / "src")
-    with pytest.raises(DataError, match=r"o.h5: /val: expected a validation size in 1..29 \(every paranet file has a "
-                                        r"non-empty /val\), got 0"):
-        prepare_mnist(tmp_path / "o.h5", source=tmp_path / "src", val_size=0, progress=False)
-    assert not (tmp_path / "o.h5").exists()
+def test_val_size_zero_writes_a_file_without_val_that_check_accepts(tmp_path, capsys):
+    # issue 11 item 6: /val (and /test) are optional everywhere: absent, never empty
+    data = idx_set(tmp_path / "src")
+    assert main(["mnist", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "o.h5"), "--val-size", "0"]) == 0
+    with h5py.File(tmp_path / "o.h5", "r") as f:
+        assert "val" not in f and f["train/images"].shape == (30, 28, 28)
+        assert np.array_equal(as_set(f["train/images"][:], f["train/labels"][:]), as_set(*data["train"]))
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "o.h5")]) == 0
+    out = capsys.readouterr().out
+    assert "/train: 30 samples" in out and "/test: 8 samples" in out and "/val: none in this file" in out
+    expect_cli_error(["check", str(tmp_path / "o.h5"), "--splits", "val"],
+                     r"o.h5: /val/images \(rank 0\): expected a dataset, found none", capsys)
+    with pytest.raises(DataError, match=r"o.h5: /val: expected a validation size in 0..29 \(0: no /val\), got 30"):
+        prepare_mnist(tmp_path / "o.h5", source=tmp_path / "src", val_size=30, progress=False)
+
+
+def test_npz_without_held_out_splits(tmp_path):
+    X, y = np.arange(40, dtype=np.float32).reshape(20, 2), np.arange(20) % 2
+    np.savez(tmp_path / "a.npz", X=X, y=y)
+    prepare_npz(tmp_path / "a.h5", tmp_path / "a.npz", val_size=0, test_size=0)
+    np.savez(tmp_path / "b.npz", X_train=X, y_train=y, X_test=X[:3], y_test=y[:3])
+    prepare_npz(tmp_path / "b.h5", tmp_path / "b.npz")
+    with h5py.File(tmp_path / "a.h5", "r") as a, h5py.File(tmp_path / "b.h5", "r") as b:
+        assert sorted(a) == ["train"] and a["train/images"].shape == (20, 2)
+        assert sorted(b) == ["test", "train"] and np.array_equal(b["test/images"][:], X[:3])
+    np.savez(tmp_path / "c.npz", X_train=X, y_train=y, X_val=X[:3])
+    with pytest.raises(DataError, match=r"c.npz: npz: expected both X_val and y_val or neither"):
+        prepare_npz(tmp_path / "c.h5", tmp_path / "c.npz")
 
 
 @pytest.mark.parametrize("content, pattern", [

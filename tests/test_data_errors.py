@@ -140,7 +140,7 @@ IDX_CASES = {
     "corrupted gzip": ({"t10k-labels-idx1-ubyte": None,
                         "t10k-labels-idx1-ubyte.gz": gzip.compress(struct.pack(">II", 2049, 10) + bytes(10))[:-9]},
                        r"t10k-labels-idx1-ubyte.gz: gzip: expected a complete gzip stream"),
-    "val too large": ({}, r"out.h5: /val: expected a validation size in 1..39 .*, got 40"),
+    "val too large": ({}, r"out.h5: /val: expected a validation size in 0..39 .*, got 40"),
 }
 
 

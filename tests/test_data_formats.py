@@ -138,9 +138,11 @@ WRITE_CASES = {
                                    r"got \(3, 2\) float32"),
     "other dtype in val": (bad(X=np.ones((6, 2, 3), np.float64), split="val"),
                            r"/val/images: expected samples of shape \(2, 3\) and dtype float32 as in /train"),
-    "empty split": (bad(X=np.zeros((0, 2, 3), np.float32), y=np.zeros(0, int), split="val"),
-                    r"/val/images: expected a non-empty split, got 0 rows"),
-    "no val": ({**bad(), "val": None}, r"/val: expected a non-empty val split \(X, y\)"),
+    "empty train": (bad(X=np.zeros((0, 2, 3), np.float32), y=np.zeros(0, int)),
+                    r"/train/images: expected a non-empty split, got 0 rows"),
+    "no train": ({**bad(), "train": None}, r"/train: expected a non-empty train split \(X, y\), got None"),
+    "empty val": (bad(X=np.zeros((0, 2, 3), np.float32), y=np.zeros(0, int), split="val"),
+                  r"/val/images: expected a non-empty split, got 0 rows \(pass val=None to leave it out\)"),
     "one class": (bad(num_classes=1), r"expected at least 2 classes, got num_classes 1"),
     "constant features": (bad(X=np.ones((6, 2, 3), np.float32)),
                           r"/train/images: expected training features that vary \(std > 0\)"),
@@ -333,3 +335,17 @@ def test_unwritable_location_is_one_line(tmp_path):
         write_dataset(tmp_path / "file" / "sub" / "d.h5", **bad())
     with pytest.raises(DataError, match=r"expected a file to write, got a directory"):
         write_dataset(tmp_path, **bad())
+
+
+def test_val_and_test_are_optional(tmp_path):
+    X, y = bad()["train"]
+    write_dataset(tmp_path / "t.h5", train=(X, y))
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert sorted(f) == ["train"] and sorted(json.loads(f.attrs["content_sha256"])) == ["train/images",
+                                                                                          "train/labels"]
+    with BatchReader(tmp_path / "t.h5", "train") as r:
+        assert r.identity()["splits"] == {"train": 6}
+    lines = check_file(tmp_path / "t.h5")
+    assert lines[2:4] == ["  /val: none in this file (training skips it)", "  /test: none in this file (training skips it)"]
+    with pytest.raises(DataError, match=r"t.h5: /test/images \(rank 0\): expected a dataset, found none"):
+        BatchReader(tmp_path / "t.h5", "test")

@@ -28,13 +28,13 @@ def _int_in(low, high=None):
 
 
 SEED = _int_in(0, 2 ** 64)
-POSITIVE = _int_in(1)
+COUNT = _int_in(0)
 
 
 def _download_args(p, what, cache):
     p.add_argument("--out", required=True, help="the HDF5 file to write (never one of its sources)")
     p.add_argument("--seed", type=SEED, default=0, help="seeds the train/val split and the training order")
-    p.add_argument("--val-size", type=POSITIVE, default=5000, help="training rows held out for /val (>= 1)")
+    p.add_argument("--val-size", type=COUNT, default=5000, help="rows held out for /val, 0: none")
     p.add_argument("--cache-dir", default=None, help=f"download cache (default: ~/.cache/paranet/{cache})")
     p.add_argument("--mirror", action="append", default=None, metavar="URL",
                    help=f"base URL to download {what} from, tried before the built-in mirrors (repeatable)")
@@ -69,14 +69,15 @@ def build_parser():
                                    "y_val, X_test, y_test (used as given); loaded with allow_pickle=False.")
     n.add_argument("source", help="the .npz file")
     n.add_argument("--out", required=True, help="the HDF5 file to write (never the source)")
-    n.add_argument("--val-size", type=POSITIVE, default=None, help="rows of X held out for /val (default: 10%%)")
-    n.add_argument("--test-size", type=POSITIVE, default=None, help="rows of X held out for /test (default: 10%%)")
+    n.add_argument("--val-size", type=COUNT, default=None, help="rows of X held out for /val (default: 10%%; 0: none)")
+    n.add_argument("--test-size", type=COUNT, default=None,
+                   help="rows of X held out for /test (default: 10%%; 0: none)")
     n.add_argument("--seed", type=SEED, default=0, help="seeds the split and the training order")
     n.add_argument("--num-classes", type=_int_in(2), default=None, help="C (default: the largest label + 1)")
     k = sub.add_parser("check", help="validate an HDF5 file in full and print its summary",
                        formatter_class=_Defaults)
     k.add_argument("file", help="the HDF5 file to check")
-    k.add_argument("--splits", default="train,val,test", help="comma-separated splits to check")
+    k.add_argument("--splits", default=None, help="comma-separated splits to check (default: those in the file)")
     return p
 
 
@@ -104,7 +105,8 @@ def main(argv=None):
             print(f"wrote {out}")
         else:
             from .check import check_file
-            for line in check_file(args.file, [s for s in args.splits.split(",") if s]):
+            splits = None if args.splits is None else [s for s in args.splits.split(",") if s]
+            for line in check_file(args.file, splits):
                 print(line)
     except DataError as e:
         print(f"paranet.data: error: {e}", file=sys.stderr)

@@ -37,6 +37,17 @@ def _scan(reader, stats):
     return counts
 
 
+def _present_splits(path):
+    """(["train", and val/test if the file has them], [the optional splits it lacks])."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            have = [s for s in SPLITS[1:] if s in f]
+    except (OSError, ValueError):
+        have = []  # the reader says what is wrong with the file
+    return ["train", *have], [s for s in SPLITS[1:] if s not in have]
+
+
 def _counts_text(counts):
     """Per-class counts: all of them for up to 20 classes, else the range."""
     if len(counts) <= 20:
@@ -44,7 +55,7 @@ def _counts_text(counts):
     return f"min {int(counts.min())}, max {int(counts.max())}, {int((counts == 0).sum())} classes empty"
 
 
-def check_file(path, splits=SPLITS, content=True):
+def check_file(path, splits=None, content=True):
     """Validate every split of a paranet file in full and return its summary as lines of text.
 
     Beyond what BatchReader checks at open (format, attributes, dtypes, shapes, layout,
@@ -52,10 +63,18 @@ def check_file(path, splits=SPLITS, content=True):
     train_mean/train_std must equal those recomputed from /train (relative 1e-6), and each
     dataset must match the content sha256 recorded at conversion (format 2).
 
+    Args:
+        path: the file.
+        splits: the splits to check; default /train and whichever of /val and /test exist.
+        content: also verify the content sha256 (a full read of the file).
+
     Raises:
         DataError: the first problem found, as one line.
     """
     lines, readers = [], []
+    absent = []
+    if splits is None:
+        splits, absent = _present_splits(path)
     if not splits:
         raise DataError("expected at least one split to check, got none", file=path)
     try:
@@ -75,6 +94,8 @@ def check_file(path, splits=SPLITS, content=True):
                     if not math.isclose(stored, got, rel_tol=1e-6, abs_tol=1e-12):
                         raise DataError(f"expected attribute {name} = {got:.9g} (recomputed from /train/images), "
                                         f"got {stored:.9g}", file=path, dataset="/", rank=r.rank)
+        for split in absent:
+            lines.append(f"  /{split}: none in this file (training skips it)")
         if content and r0._content is not None:
             r0.verify_content()
             lines.append(f"  content sha256: {len(r0._content)} datasets match the sums recorded at conversion")

@@ -98,7 +98,7 @@ def prepare_cifar10(out, source=None, val_size=5000, seed=0, cache_dir=None, mir
         out: the HDF5 file to write (never the source).
         source: cifar-10-binary.tar.gz (or any tar holding the six .bin files), or a folder
             holding them; None downloads the archive (md5-checked, mirror fallback).
-        val_size: training rows held out for /val (1 <= val_size < training rows).
+        val_size: training rows held out for /val (0 <= val_size < training rows; 0: no /val).
         seed: seeds the split and the training order.
         cache_dir, mirrors, md5, progress: the download (default: ~/.cache/paranet/cifar10).
 

@@ -1,7 +1,7 @@
 """The paranet HDF5 format: its version, the allowed dtypes, the normalisation rules and content hashing.
 
-Version 2 (written by write_dataset and every converter) holds three non-empty splits
-``/train``, ``/val`` and ``/test``, each with ``images`` (N, *sample_shape) in uint8,
+Version 2 (written by write_dataset and every converter) holds the split ``/train`` and,
+optionally, ``/val`` and ``/test`` (absent rather than empty), each with ``images`` (N, *sample_shape) in uint8,
 float32 or float64 and ``labels`` (N,) of an integer dtype with values in 0..C-1. Both are
 stored contiguous. Root attributes: ``format_version`` (2, written last), ``num_classes`` (C),
 ``train_mean`` and ``train_std`` (scalars over every feature of /train: on the [0, 1] scale

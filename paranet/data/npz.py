@@ -10,7 +10,7 @@ from .errors import DataError
 from .prepare import check_output
 from .write import check_arrays, write_dataset
 
-PER_SPLIT = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")
+PER_SPLIT = ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")  # val and test optional
 
 
 def _load(path):
@@ -32,12 +32,13 @@ def _load(path):
 
 
 def _sizes(n, val_size, test_size, path):
-    """Resolve the held-out sizes (default 10% each, at least 1) and check they leave training rows."""
+    """Resolve the held-out sizes (default 10% each, at least 1; 0 leaves the split out) and check
+    that they leave training rows."""
     val = max(1, n // 10) if val_size is None else val_size
     test = max(1, n // 10) if test_size is None else test_size
     for name, v in (("--val-size", val), ("--test-size", test)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise DataError(f"expected {name} >= 1, got {v!r}", file=path, dataset=name)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise DataError(f"expected {name} >= 0, got {v!r}", file=path, dataset=name)
     if val + test >= n:
         raise DataError(f"expected val + test sizes below the {n} rows of X, got {val} + {test}",
                         file=path, dataset="X")
@@ -48,9 +49,9 @@ def prepare_npz(out, source, val_size=None, test_size=None, seed=0, num_classes=
     """Convert an .npz archive into one HDF5 file, written atomically.
 
     The archive holds either ``X`` and ``y`` (one set, split here: seeded random
-    `test_size` and `val_size` rows, default 10% each, held out in their original order;
-    the rest shuffled into /train), or ``X_train, y_train, X_val, y_val, X_test, y_test``
-    (used as given). X: (N, ...) uint8, float32 or float64; y: (N,) integers 0..C-1.
+    `test_size` and `val_size` rows, default 10% each, 0 for none, held out in their original
+    order; the rest shuffled into /train), or ``X_train, y_train`` and optionally
+    ``X_val, y_val``, ``X_test, y_test`` (used as given). X: (N, ...) uint8, float32 or float64; y: (N,) integers 0..C-1.
     It is loaded with allow_pickle=False: an object array is refused, never unpickled.
 
     Returns:
@@ -74,16 +75,20 @@ def prepare_npz(out, source, val_size=None, test_size=None, seed=0, num_classes=
         val, test = _sizes(len(X), val_size, test_size, source)
         perm = np.random.default_rng(seed).permutation(len(X))
         test_idx, val_idx, train_idx = np.sort(perm[:test]), np.sort(perm[test:test + val]), perm[test + val:]
-        splits = {"train": (X[train_idx], y[train_idx]), "val": (X[val_idx], y[val_idx]),
-                  "test": (X[test_idx], y[test_idx])}
+        splits = {"train": (X[train_idx], y[train_idx]), "val": (X[val_idx], y[val_idx]) if val else None,
+                  "test": (X[test_idx], y[test_idx]) if test else None}
         params = {"val_size": val, "test_size": test, "seed": int(seed), "train_order": "shuffled",
                   "val_order": "original", "test_order": "original"}
-    elif all(k in arrays for k in PER_SPLIT):
+    elif "X_train" in arrays and "y_train" in arrays:
         if val_size is not None or test_size is not None:
             raise DataError("expected no --val-size/--test-size for an archive that has its own splits",
                             file=source, dataset="npz")
-        splits = {s: check_arrays(arrays[f"X_{s}"], arrays[f"y_{s}"], source, f"X_{s}", f"y_{s}")
-                  for s in ("train", "val", "test")}
+        splits = {}
+        for s in ("train", "val", "test"):
+            if (f"X_{s}" in arrays) != (f"y_{s}" in arrays):
+                raise DataError(f"expected both X_{s} and y_{s} or neither, got {keys}", file=source, dataset="npz")
+            if f"X_{s}" in arrays:
+                splits[s] = check_arrays(arrays[f"X_{s}"], arrays[f"y_{s}"], source, f"X_{s}", f"y_{s}")
         params = {"splits": "as given"}
     else:
         raise DataError(f"expected arrays X and y (or {', '.join(PER_SPLIT)}), got {keys}",

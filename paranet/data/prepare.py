@@ -62,15 +62,16 @@ def ensure_default_dataset(path=None):
 
 def split_off_val(X, y, val_size, seed, out):
     """Hold out a seeded random val_size rows of (X, y) as /val (kept in their original order);
-    return (train, val), train in a seeded shuffled order (any contiguous block a random mix)."""
+    return (train, val), train in a seeded shuffled order (any contiguous block a random mix).
+    val is None for val_size 0: the file then has no /val (never an empty one)."""
     n = len(X)
-    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not 1 <= val_size < n:
-        raise DataError(f"expected a validation size in 1..{n - 1} (every paranet file has a non-empty "
-                        f"/val), got {val_size!r}", file=out, dataset="/val")
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not 0 <= val_size < n:
+        raise DataError(f"expected a validation size in 0..{n - 1} (0: no /val), got {val_size!r}",
+                        file=out, dataset="/val")
     perm = np.random.default_rng(seed).permutation(n)
     val_idx = np.sort(perm[:val_size])   # held out, original relative order
     train_idx = perm[val_size:]          # shuffled
-    return (X[train_idx], y[train_idx]), (X[val_idx], y[val_idx])
+    return (X[train_idx], y[train_idx]), ((X[val_idx], y[val_idx]) if val_size else None)
 
 
 def _same_file(a, b):
@@ -124,7 +125,7 @@ def prepare_idx(out, dataset="mnist", source=None, val_size=5000, seed=0, cache_
         out: the HDF5 file to write (replaced atomically if it exists; never a source file).
         dataset: "mnist" or "fashion-mnist" (the download mirrors and checksums).
         source: a folder of IDX files, gzip or raw, or None.
-        val_size: rows held out from train for /val (1 <= val_size < training rows).
+        val_size: rows held out from train for /val (0 <= val_size < training rows; 0: no /val).
         seed: seeds the train/val split and the training order.
         cache_dir: download cache (default: ~/.cache/paranet/<dataset>-idx).
         mirrors: base URLs to download from (default: the dataset's).

@@ -61,19 +61,22 @@ def check_arrays(X, y, file, x_name, y_name):
 def _as_split(name, pair, out):
     """Return (X, y) of one split as checked arrays; raise DataError naming /name."""
     if pair is None:
-        raise DataError(f"expected a non-empty {name} split (X, y): every paranet file has train, val "
-                        f"and test, got None", file=out, dataset=f"/{name}")
+        raise DataError(f"expected a non-empty {name} split (X, y), got None", file=out, dataset=f"/{name}")
     try:
         X, y = pair
     except (TypeError, ValueError):
         raise DataError(f"expected a pair (X, y), got {type(pair).__name__}", file=out, dataset=f"/{name}") from None
+    if name != "train" and len(X) == 0:
+        raise DataError(f"expected a non-empty split, got 0 rows (pass {name}=None to leave it out)", file=out,
+                        dataset=f"/{name}/images")
     return check_arrays(X, y, out, f"/{name}/images", f"/{name}/labels")
 
 
 def write_dataset(path, train=None, val=None, test=None, num_classes=None, *, attrs=None):
     """Write a paranet HDF5 file (format 2) from arrays, atomically.
 
-    Every split is required and non-empty. Features are uint8, float32 or float64 of any
+    /train is required; /val and /test are optional (None leaves them out; the trainer then
+    skips validation or the test), never empty. Features are uint8, float32 or float64 of any
     per-sample shape (the same in every split); labels are integers 0..num_classes-1.
     The normalisation statistics (scalar mean and std over every feature of the training
     split: on the [0, 1] scale for uint8, on the raw scale for floats) and a sha256 of each
@@ -82,8 +85,8 @@ def write_dataset(path, train=None, val=None, test=None, num_classes=None, *, at
 
     Args:
         path: the file to write; replaced atomically (temporary file, fsync, rename).
-        train, val, test: (X, y) pairs: X (N, *sample_shape), y (N,).
-        num_classes: C; default max(label) + 1 over all splits. At least 2.
+        train, val, test: (X, y) pairs: X (N, *sample_shape), y (N,); val and test may be None.
+        num_classes: C; default max(label) + 1 over the splits given. At least 2.
         attrs: extra root attributes to record (e.g. source, params).
 
     Returns:
@@ -95,7 +98,8 @@ def write_dataset(path, train=None, val=None, test=None, num_classes=None, *, at
     out = Path(path)
     if out.is_dir():
         raise DataError("expected a file to write, got a directory", file=out)
-    splits = {name: _as_split(name, pair, out) for name, pair in zip(SPLITS, (train, val, test))}
+    splits = {name: _as_split(name, pair, out) for name, pair in zip(SPLITS, (train, val, test))
+              if name == "train" or pair is not None}
     X0 = splits["train"][0]
     for name, (X, _) in splits.items():
         if X.dtype != X0.dtype or X.shape[1:] != X0.shape[1:]:
