@@ -380,6 +380,7 @@ def main(argv=None):
         print("\nthroughput, samples/s, median of segments alternating in one run (SGD, float32):")
         result["throughput"] = throughput(args)
     print(JSON_TAG + json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
