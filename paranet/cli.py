@@ -5,6 +5,7 @@ gradients; one Allreduce per step averages them (``paranet.distributed``) and ev
 applies the same update. Only rank 0 prints and writes files.
 """
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,13 +17,15 @@ from .data import BatchReader, DataError, default_data_path, ensure_default_data
 from .graph import GraphError
 from .models import MODELS, ModelError, build_model, load_builder
 from .train import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer
-from .trainer import Stop, Trainer
+from .files import OutputError
+from .trainer import RESUME_FIXED, Stop, Trainer, catch_sigterm
 
 OPTIMIZERS = {"sgd": GradientDescentOptimizer, "momentum": MomentumOptimizer, "adam": AdamOptimizer}
 # Defaults per model, measured to reach the README's accuracies (see `make accuracy`).
 MODEL_DEFAULTS = {"mlp": {"epochs": 12, "lr": 1e-3}, "cnn": {"epochs": 6, "lr": 2e-3}}
 OWN_MODEL_DEFAULTS = {"epochs": 10, "lr": 1e-3}  # a --model pkg.module:function
 SGD_LR = {"sgd": 0.1, "momentum": 0.02}
+MAX_LR = 1e6  # a larger --lr overflows the first update (and 1e4 already diverges)
 
 
 def _env_rank():
@@ -75,7 +78,18 @@ def build_parser():
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in all (the lr schedule still spans --epochs)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="HDF5 checkpoint written every epoch and at the end; default: runs/<model>.ckpt.h5")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint if it exists. The data (checked by its recorded identity) and "
+                        + ", ".join("--" + f.replace("_", "-") for f in RESUME_FIXED)
+                        + " must be as when it was written; the number of ranks and every other flag may change")
+    p.add_argument("--checkpoint-every", type=_every, default=None, metavar="N|Mmin",
+                   help="also write the checkpoint every N steps, or every M minutes (e.g. 500, 10min), "
+                        "besides every epoch and on SIGTERM")
+    p.add_argument("--keep", type=int, default=1, metavar="K",
+                   help="keep the last K checkpoints: --checkpoint the newest, then CHECKPOINT.1 ... CHECKPOINT.<K-1>")
+    p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="abort the job, naming the ranks that did not arrive, when ranks wait this long for each "
+                        "other in a collective (a stopped or hung rank); 0: wait forever")
     p.add_argument("--metrics", type=Path, default=None, help="JSON file of results, written at the end")
     p.add_argument("--save-params", type=Path, default=None, help=".npz of the final parameters")
     p.add_argument("--check-replicas", type=int, default=0, metavar="N",
@@ -102,6 +116,27 @@ def build_parser():
     p.add_argument("--reproducible", action="store_true",
                    help="the same bits at any number of ranks (see the README's 'Reproducibility')")
     return p
+
+
+OUTPUTS = ("checkpoint", "metrics", "save_params", "timeline", "plot", "csv", "tensorboard")
+
+
+def _every(text):
+    """--checkpoint-every: '500' (steps) or '10min'/'10m' (minutes) -> ('steps', 500) / ('minutes', 10.0)."""
+    t = text.strip().lower()
+    for unit in ("minutes", "minute", "min", "m"):
+        if t.endswith(unit):
+            try:
+                minutes = float(t[: -len(unit)])
+            except ValueError:
+                break
+            if not (math.isfinite(minutes) and minutes > 0):
+                break
+            return ("minutes", minutes)
+    else:
+        if t.isdigit() and int(t) >= 1:
+            return ("steps", int(t))
+    raise argparse.ArgumentTypeError(f"expected N steps (>= 1) or M minutes (e.g. 10min), got {text!r}")
 
 
 def parse_args(argv=None):
@@ -134,8 +169,21 @@ def _parse(parser, argv):
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max-steps must be >= 1, got {args.max_steps}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and 0 < args.lr <= MAX_LR):
+        parser.error(f"--lr must be a finite number in (0, {MAX_LR:g}], got {args.lr}")
+    if not (math.isfinite(args.momentum) and 0 <= args.momentum < 1):
+        parser.error(f"--momentum must be in [0, 1), got {args.momentum}")
+    if not 0 <= args.seed < 2**64:
+        parser.error(f"--seed must be in [0, 2**64), got {args.seed}")
+    if args.timeline_steps < 1:
+        parser.error(f"--timeline-steps must be >= 1, got {args.timeline_steps}")
+    if args.check_replicas < 0:
+        parser.error(f"--check-replicas must be >= 0 (0: off), got {args.check_replicas}")
+    if args.keep < 1:
+        parser.error(f"--keep must be >= 1, got {args.keep}")
+    if not (math.isfinite(args.stall_timeout) and args.stall_timeout >= 0):
+        parser.error(f"--stall-timeout must be a finite number of seconds >= 0 (0: off), got {args.stall_timeout}")
+    _refuse_clashing_paths(parser, args)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.tensorboard is not None:
@@ -149,6 +197,31 @@ def _parse(parser, argv):
         except ImportError:
             parser.error("--plot needs matplotlib: pip install matplotlib (or pip install 'paranet[plot]')")
     return args
+
+
+def _refuse_clashing_paths(parser, args):
+    """An output that names an input (--data), or two outputs that name the same file, would
+    destroy one of them: refuse it before anything runs."""
+    def same(a, b):
+        try:
+            if a.exists() and b.exists():
+                return os.path.samefile(a, b)
+        except OSError:
+            pass
+        return os.path.abspath(a) == os.path.abspath(b)
+
+    data = args.data if args.data is not None else default_data_path()
+    seen = [("data", Path(data))]
+    for name in OUTPUTS:
+        path = getattr(args, name, None)
+        if path is None:
+            continue
+        for other, other_path in seen:
+            if same(Path(path), other_path):
+                parser.error(f"--{name.replace('_', '-')} {path} is the same file as --{other.replace('_', '-')}"
+                             f"{'' if other != 'data' or args.data is not None else ' (the default data file)'}: "
+                             f"it would be overwritten; choose another path")
+        seen.append((name, Path(path)))
 
 
 def make_optimizer(args, loss):
@@ -220,7 +293,9 @@ def run(args, world):
         checkpoint=args.checkpoint, resume=args.resume, metrics=args.metrics, save_params=args.save_params,
         timeline=args.timeline, timeline_steps=args.timeline_steps, check_replicas=args.check_replicas,
         callbacks=build_callbacks(args), prefetch=args.prefetch, flags=flags_of(args), plot=args.plot,
-        reproducible=args.reproducible,
+        reproducible=args.reproducible, keep=args.keep, stall_timeout=args.stall_timeout,
+        checkpoint_every=args.checkpoint_every[1] if args.checkpoint_every and args.checkpoint_every[0] == "steps" else None,
+        checkpoint_minutes=args.checkpoint_every[1] if args.checkpoint_every and args.checkpoint_every[0] == "minutes" else None,
     )
     trainer.fit()
     return 0
@@ -243,12 +318,13 @@ def prepare_data(args, world):
 
 
 def main(argv=None):
+    catch_sigterm()  # first: a SIGTERM during start-up stops the run cleanly before its first step
     args = parse_args(argv)
     from .distributed import init
 
     try:
         world = init(allreduce=args.allreduce, threads=args.threads,
-                     quiet=(DataError, GraphError, ModelError, checkpoint.CheckpointError))
+                     quiet=(DataError, GraphError, ModelError, checkpoint.CheckpointError, OutputError))
     except ValueError as e:  # --allreduce shm where it cannot work: every rank knows, rank 0 says it
         if _env_rank() == 0:
             print(f"paranet: error: {e}", file=sys.stderr, flush=True)

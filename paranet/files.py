@@ -79,6 +79,9 @@ def check_output(path, flag="output", need_bytes=0):
     if path.exists() and not path.is_file():
         raise OutputError(f"{flag} {path}: exists and is not a regular file")
     folder = path.parent
+    above = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputError(f"{flag} {path}: {above} is a file, not a directory")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

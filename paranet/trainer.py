@@ -20,13 +20,31 @@ import numpy as np
 
 from . import checkpoint
 from .data import BatchReader, DataError
-from .files import atomic_path
+from .files import OutputError, atomic_path, check_output, cleanup_stale
 from .graph import Session
 from .models import Model, as_model
 from .timeline import NoTimeline, Timeline, write_trace
 
 
+# Flags a resumed run must share with the checkpoint's run (when both record them): they fix what
+# the recorded step means, the data order, the learning-rate curve, the model and its update.
+RESUME_FIXED = ("model", "hidden", "channels", "batch_size", "seed", "dtype", "optimizer", "lr", "momentum",
+                "schedule", "epochs")
 CALLBACK_STOP = 1 << 20  # a callback's stop request in the step's stop slot (SIGTERMs count 1 each)
+CHECKPOINT_NOW = 0.5  # rank 0's "--checkpoint-every M minutes is due" in the stop slot (a fraction:
+# exact in float32 while the integer part stays below 2**23)
+_early_sigterm = [False]  # a SIGTERM seen by catch_sigterm() before a Trainer ran
+
+
+def catch_sigterm():
+    """Record SIGTERM instead of dying from it, for the start-up before ``Trainer.fit`` (imports,
+    MPI, building the data and the model): ``fit`` then stops cleanly before the first step.
+    The command line calls it first thing."""
+
+    def record(signum, frame):
+        _early_sigterm[0] = True
+
+    signal.signal(signal.SIGTERM, record)
 
 
 class Stop(Exception):
@@ -65,13 +83,23 @@ class Trainer:
         prefetch: read the next batch in a background thread.
         flags: a dict recorded in checkpoints and metrics (the command line's).
         reproducible: passed to the DistributedOptimizer (bit-identical results at any P).
+        checkpoint_every: also write the checkpoint every this many steps.
+        checkpoint_minutes: also write it when this many minutes passed since the last one
+            (rank 0's clock decides; the request travels in the next step's gradient sum).
+        keep: keep the last ``keep`` checkpoints (``checkpoint``, ``checkpoint.1``, ...).
+        stall_timeout: seconds ranks may wait for each other in a gradient sum or barrier
+            before the job is aborted naming the ranks that did not arrive (None or 0: forever).
+
+    A run holds a lock on its checkpoint (``paranet.checkpoint.RunLock``): a second run on the
+    same checkpoint is refused. Every output is checked to be writable before training starts.
     """
 
     def __init__(self, model, data, optimizer, *, world=None, batch_size=128, epochs=1, seed=0,
                  dtype=np.float32, eval_batch_size=1000, max_steps=None, checkpoint=None, resume=False,
                  metrics=None, save_params=None, timeline=None, timeline_steps=200, check_replicas=0,
                  callbacks=(), progress=None, verbose=True, prefetch=False, flags=None, plot=None,
-                 reproducible=False, val_data=None, test_data=None):
+                 reproducible=False, val_data=None, test_data=None, checkpoint_every=None,
+                 checkpoint_minutes=None, keep=1, stall_timeout=None):
         from .distributed import DistributedOptimizer, default_world
 
         self.world = world if world is not None else default_world()
@@ -87,6 +115,10 @@ class Trainer:
         self.plot_path = None if plot is None else Path(plot)
         self.timeline_path, self.timeline_steps = timeline, int(timeline_steps)
         self.check_replicas = int(check_replicas)
+        self.checkpoint_every = None if not checkpoint_every else int(checkpoint_every)
+        self.checkpoint_seconds = None if not checkpoint_minutes else 60.0 * float(checkpoint_minutes)
+        self.keep = int(keep)
+        self.stall_timeout = float(stall_timeout) if stall_timeout else None
         self.callbacks = list(callbacks)
         self.verbose = bool(verbose)
         self.progress = (w.rank == 0 and sys.stdout.isatty()) if progress is None else (bool(progress) and w.rank == 0)
@@ -104,6 +136,7 @@ class Trainer:
         self.optimizer.broadcast_state(self.params)  # every replica starts from rank 0's weights
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history = []
+        self.epoch_sums = np.zeros(3)  # the current epoch's loss sum, correct, count so far (checkpointed)
         self.stop_training = False  # set by a callback: every rank stops (see Callback)
         self.stop_requested = False  # SIGTERM: checkpoint and stop after the current step
         self._stop_after_step = False  # a callback's request, travelling in the next step's sum
@@ -111,8 +144,13 @@ class Trainer:
         self.recording = Timeline(w.rank) if timeline else None
         self.timeline = self.optimizer.timeline = self.recording or NoTimeline()
         self.train_reader = self.val_reader = self.test_reader = None
+        self._checkpoint_request = False  # rank 0: --checkpoint-every minutes is due
+        self._last_save = time.monotonic()
+        self._lock = None
         for cb in self.callbacks:
             cb.set_trainer(self)
+        if self.fault and self.fault["step"] < 0:  # test hook: a fault during start-up
+            _inject(self.fault, self.params)
 
     # -- data --------------------------------------------------------------------------
 
@@ -199,8 +237,7 @@ class Trainer:
             loss_sum, correct = 0.0, 0
         if self.fault and self.fault.get("step") == self.global_step:
             _inject(self.fault, params)
-        # the stop slot of the sum: 1 per rank that got SIGTERM, CALLBACK_STOP per rank whose callbacks asked
-        stop = float(self.stop_requested) + CALLBACK_STOP * self._stop_after_step
+        stop = self._stop_slot()  # summed over the ranks with the gradients
         return self.optimizer.reduce_and_apply(params, batch.n_local, loss_sum, correct, stop, total=batch.n_global)
 
     def _reproducible_step(self, batch):
@@ -211,7 +248,7 @@ class Trainer:
         m, y = self.model, batch.y
         if self.fault and self.fault.get("step") == self.global_step:
             _inject(self.fault, self.params)
-        stop = float(self.stop_requested) + CALLBACK_STOP * self._stop_after_step  # as step() sends it
+        stop = self._stop_slot()  # as step() sends it
         try:
             with self.timeline.span("forward"):  # forward, backward and the sum, micro-shard by micro-shard
                 return self.optimizer.reproducible_step(
@@ -249,32 +286,113 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self):
+        """Rank 0 writes the checkpoint (with the data's identity and the epoch's partial sums);
+        every rank learns whether it worked. A failed write is one line, the old file intact."""
         if self.checkpoint is None:
             return
+        error = None
         if self.world.rank == 0:
-            checkpoint.save(
-                self.checkpoint, self.params, self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
-                global_step=self.global_step, world_size=self.world.size, seed=self.seed, flags=self.flags,
-                history=self.history,
-            )
-        self.world.barrier()
+            identity = getattr(self.train_reader, "identity", None)
+            try:
+                checkpoint.save(
+                    self.checkpoint, self.params, self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+                    global_step=self.global_step, world_size=self.world.size, seed=self.seed, flags=self.flags,
+                    history=self.history, keep=self.keep, epoch_sums=[float(v) for v in self.epoch_sums],
+                    data=identity() if identity is not None else None,
+                )
+            except OutputError as e:
+                error = str(e)
+            self._last_save = time.monotonic()
+        error = self.world.bcast_object(error)  # also the barrier: nobody runs ahead of the write
+        if error:
+            raise Stop(f"paranet: error: {error}", 1)
 
     def resume(self):
-        """Load the checkpoint on every rank (it lives on shared storage)."""
+        """Load the checkpoint on every rank (it lives on shared storage); rank 0's verdict on
+        it is everybody's, so a bad one is one line (exit 2)."""
         path = self.checkpoint
         if path is None or not path.exists():
             self.log(f"paranet: --resume: no checkpoint at {path} yet, starting fresh")
             return
-        attrs = checkpoint.load(path, self.params, self.optimizer)
-        saved = attrs["flags"]
-        for flag in ("model", "batch_size", "seed", "dtype", "optimizer"):
-            if flag in self.flags and saved.get(flag) != self.flags[flag]:
-                raise checkpoint.CheckpointError(
-                    f"{path}: written with --{flag.replace('_', '-')} {saved.get(flag)}, this run has {self.flags[flag]}")
+        error = attrs = None
+        try:
+            attrs = checkpoint.load(path, self.params, self.optimizer)
+            self._check_resumable(path, attrs)
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+        first = self.world.bcast_object(error)
+        if first:
+            raise Stop(f"paranet: error: {first}", 2)
+        if error:  # rank 0 could read it, this rank could not: storage not shared?
+            raise checkpoint.CheckpointError(error)
         self.epoch, self.step_in_epoch, self.global_step = attrs["epoch"], attrs["step_in_epoch"], attrs["global_step"]
         self.history = attrs["history"]
+        sums = attrs.get("epoch_sums")
+        if isinstance(sums, list) and len(sums) == 3 and self.step_in_epoch > 0:
+            self.epoch_sums = np.array(sums, dtype=float)
         self.log(f"paranet: resumed from {path} at epoch {self.epoch + 1}, step {self.global_step} "
                  f"(written by {attrs['world_size']} rank{'s' if attrs['world_size'] != 1 else ''})")
+
+    def _check_resumable(self, path, attrs):
+        """Refuse a checkpoint written for other data or with flags that change what its step means."""
+        saved = attrs["flags"]
+        for flag in RESUME_FIXED:
+            if flag in self.flags and flag in saved and saved[flag] != self.flags[flag]:
+                raise checkpoint.CheckpointError(
+                    f"{path}: written with --{flag.replace('_', '-')} {saved[flag]}, this run has {self.flags[flag]} "
+                    "(it may not change on --resume)")
+        recorded, identity = attrs.get("data"), getattr(self.train_reader, "identity", None)
+        if recorded and identity is not None:
+            from .data.reader import identity_mismatch
+
+            current = identity()
+            why = identity_mismatch(recorded, current)
+            if why:
+                raise checkpoint.CheckpointError(
+                    f"{path}: written for the data {recorded.get('path')}, this run has {current.get('path')}, "
+                    f"which differs ({why}); resume with the same data, or start a new checkpoint")
+
+    def check_outputs(self):
+        """Rank 0 checks before any work that every output file can be written (not a folder,
+        its folder writable, room for a checkpoint); otherwise one line and Stop (exit 2)."""
+        error = None
+        if self.world.rank == 0:
+            outputs = [("--checkpoint", self.checkpoint, 3 * self.params.values.nbytes),
+                       ("--metrics", self.metrics_path, 0), ("--save-params", self.save_params_path, 0),
+                       ("--timeline", self.timeline_path, 0), ("--plot", self.plot_path, 0)]
+            try:
+                for flag, path, need in outputs:
+                    if path is not None:
+                        check_output(path, flag, need_bytes=need)
+            except OutputError as e:
+                error = str(e)
+        error = self.world.bcast_object(error)
+        if error:
+            raise Stop(f"paranet: error: {error}", 2)
+
+    def _take_lock(self):
+        """Rank 0 holds the checkpoint's RunLock for the run and removes the temporary files an
+        earlier run killed mid-write left; a second run on the same checkpoint stops here."""
+        if self.checkpoint is None:
+            return
+        error = None
+        if self.world.rank == 0:
+            try:
+                self._lock = checkpoint.RunLock(self.checkpoint).acquire()
+            except (checkpoint.RunLockError, OSError) as e:
+                error = f"--checkpoint {e}" if isinstance(e, checkpoint.RunLockError) else \
+                    f"--checkpoint {self.checkpoint}: cannot lock it ({e})"
+            else:
+                for stale in cleanup_stale(self.checkpoint, started=time.time()):
+                    self.log(f"paranet: removed {stale}, left by an interrupted checkpoint write")
+        error = self.world.bcast_object(error)
+        if error:
+            raise Stop(f"paranet: error: {error}", 2)
+
+    def _release_lock(self):
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -300,7 +418,11 @@ class Trainer:
         """Train; returns the metrics dict (the same on every rank). Raises Stop when the run
         ends early for a reason every rank agrees on (SIGTERM, bad data, divergence)."""
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if _early_sigterm[0]:  # it came during start-up: stop before the first step
+            self.stop_requested, _early_sigterm[0] = True, False
         try:
+            self.check_outputs()
+            self._take_lock()
             if self.train_reader is None:
                 self.open_data()
             if self.resume_requested:
@@ -308,6 +430,7 @@ class Trainer:
             self.log(self.describe(), flush=True)
             return self._loop()
         finally:
+            self._release_lock()
             signal.signal(signal.SIGTERM, previous)
 
     def _loop(self):
@@ -321,14 +444,23 @@ class Trainer:
         begin_hooks = [cb for cb in self.callbacks if type(cb).on_step_begin is not Callback.on_step_begin]
         end_hooks = [cb for cb in self.callbacks if type(cb).on_step_end is not Callback.on_step_end]
         self._call("on_train_begin", {})
-        while self.epoch < self.epochs:
+        if w.allreduce(int(self.stop_requested)):  # SIGTERM during start-up, on any rank
+            self.save_checkpoint()
+            raise Stop(f"paranet: stopped by SIGTERM before step {self.global_step + 1}"
+                       + (f"; checkpoint saved to {self.checkpoint} (continue with --resume)" if self.checkpoint else ""), 0)
+        if self.max_steps is not None and self.global_step >= self.max_steps:
+            self.log(f"paranet: step {self.global_step} already reached --max-steps {self.max_steps}: no step to run")
+        while self.epoch < self.epochs and not (self.max_steps is not None and self.global_step >= self.max_steps):
             if self.step_in_epoch >= steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 continue
+            if self.history and self.history[-1].get("epoch") == self.epoch + 1:
+                self.history.pop()  # a --max-steps cut recorded this epoch in part: it is recorded again whole
             self._call("on_epoch_begin", self.epoch, {})
             bar = self._bar(steps_per_epoch)
-            sums, comm0, t0 = np.zeros(3), self.optimizer.comm_seconds, time.perf_counter()
-            ended_early = False
+            sums, comm0, t0 = self.epoch_sums, self.optimizer.comm_seconds, time.perf_counter()
+            resumed_count = sums[2]  # samples of this epoch counted before a resume
+            ended_early = stopping = False
             for batch in self.batches():
                 for cb in begin_hooks:
                     cb.on_step_begin(self.global_step, None)
@@ -347,13 +479,17 @@ class Trainer:
                 if self.check_replicas and self.global_step % self.check_replicas == 0:
                     self._check_replicas()
                 if stop % CALLBACK_STOP >= 1:  # SIGTERM reached some rank
-                    self._close_bar(bar)
-                    self.save_checkpoint()
-                    raise Stop(f"paranet: stopped by SIGTERM after step {self.global_step}; "
-                               f"checkpoint saved to {self.checkpoint} (continue with --resume)", 0)
-                if stop:  # a callback's request, agreed through this step's sum
+                    if self.step_in_epoch < steps_per_epoch:
+                        self._close_bar(bar)
+                        self.save_checkpoint()
+                        raise Stop(self._sigterm_message(), 0)
+                    stopping = True  # the epoch's last step: record the epoch first
+                    break
+                if stop >= CALLBACK_STOP:  # a callback's request, agreed through this step's sum
                     ended_early = True
                     break
+                if self._checkpoint_due(stop, steps_per_epoch):
+                    self.save_checkpoint()
                 if end_hooks:
                     logs = {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "samples": count,
                             "learning_rate": self.optimizer.learning_rate}
@@ -365,16 +501,18 @@ class Trainer:
             self._close_bar(bar)
             seconds = time.perf_counter() - t0
             comm = self.optimizer.comm_seconds - comm0
-            samples_total += sums[2]
+            samples_total += sums[2] - resumed_count
             busy_total += seconds
             record = {
                 "epoch": self.epoch + 1, "steps": self.global_step, "train_loss": sums[0] / max(sums[2], 1),
                 "train_accuracy": sums[1] / max(sums[2], 1),
-                "samples_per_second": sums[2] / seconds if seconds else 0.0, "comm_share": comm / seconds if seconds else 0.0,
+                "samples_per_second": (sums[2] - resumed_count) / seconds if seconds else 0.0, "comm_share": comm / seconds if seconds else 0.0,
             }
             if self.val_reader is not None:
                 record["val_loss"], record["val_accuracy"] = self.evaluate(self.val_reader)
             self.history.append(record)
+            if self.step_in_epoch >= steps_per_epoch:
+                self.epoch_sums = np.zeros(3)
             val = (f"  val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:6.2f}%"
                    if "val_loss" in record else "")
             self.log(f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f}{val}  "
@@ -386,6 +524,8 @@ class Trainer:
             self.stop_training = bool(w.allreduce(int(self.stop_training or ended_early)))
             done = self.max_steps is not None and self.global_step >= self.max_steps
             self.save_checkpoint()
+            if stopping:
+                raise Stop(self._sigterm_message(), 0)
             if done or self.stop_training:
                 break
         if self.check_replicas:
@@ -412,12 +552,15 @@ class Trainer:
             "flags": self.flags, "stopped_early": bool(self.stop_training),
         }
         if w.rank == 0:
-            if self.plot_path:
-                plot_curves(self.plot_path, self.history)
-            if self.metrics_path:
-                write_json_atomic(self.metrics_path, metrics)
-            if self.save_params_path:
-                save_params_npz(self.save_params_path, self.params)
+            try:
+                if self.plot_path:
+                    plot_curves(self.plot_path, self.history)
+                if self.metrics_path:
+                    write_json_atomic(self.metrics_path, metrics)
+                if self.save_params_path:
+                    save_params_npz(self.save_params_path, self.params)
+            except OutputError as e:  # the other ranks are done: rank 0 alone says it, exit 1
+                raise Stop(f"paranet: error: {e}", 1) from None
         self._call("on_train_end", metrics)
         return metrics
 
@@ -430,6 +573,29 @@ class Trainer:
 
         if not replicas_agree(self.params, self.world):
             raise Stop(f"paranet: replicas diverged at step {self.global_step}: parameter checksums differ across ranks", 1)
+
+    def _stop_slot(self):
+        """This rank's entry in the step's stop slot: 1 for SIGTERM, CALLBACK_STOP when its
+        callbacks asked to stop, CHECKPOINT_NOW (rank 0 only) when a timed checkpoint is due."""
+        if self.checkpoint_seconds is not None and self.world.rank == 0:
+            self._checkpoint_request = time.monotonic() - self._last_save >= self.checkpoint_seconds
+        return (float(self.stop_requested) + CALLBACK_STOP * self._stop_after_step
+                + CHECKPOINT_NOW * self._checkpoint_request)
+
+    def _checkpoint_due(self, stop, steps_per_epoch):
+        """Whether --checkpoint-every asks for a checkpoint after this step (the same answer on
+        every rank). The end of an epoch and of the run write one anyway."""
+        if self.checkpoint is None or self.step_in_epoch >= steps_per_epoch:
+            return False
+        if self.max_steps is not None and self.global_step >= self.max_steps:
+            return False
+        if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
+            return True
+        return self.checkpoint_seconds is not None and stop % 1 >= CHECKPOINT_NOW / 2  # rank 0 asked
+
+    def _sigterm_message(self):
+        return (f"paranet: stopped by SIGTERM after step {self.global_step}"
+                + (f"; checkpoint saved to {self.checkpoint} (continue with --resume)" if self.checkpoint else ""))
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True  # honoured after the current step, on every rank at once
