@@ -189,12 +189,12 @@ def _exact_mean_f64(g, w):
     return sums / N
 
 
-def accuracy(batches=(128, 1024), rank_counts=(2, 4)):
+def accuracy(batches=(128, 1024), rank_counts=(2, 4), dtypes=("float32", "float64"), steps=(0, 20, 200)):
     rows = []
-    for dtype in ("float32", "float64"):
+    for dtype in dtypes:
         for batch in batches:
             micro = rp.micro_size(batch)
-            by_step = micro_partials(np.dtype(dtype), batch, micro)
+            by_step = micro_partials(np.dtype(dtype), batch, micro, steps)
             for step, partials in by_step.items():
                 for ranks in rank_counts:
                     r = sum_errors(partials, dtype, ranks)
@@ -350,8 +350,8 @@ def main(argv=None):
     p.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=128, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.repeats, args.samples = 2, 2048
+    if args.quick:  # make bench --quick: the MLP only, and accuracy at batch 128 in float32
+        args.repeats, args.samples, args.models = 2, 2048, ["mlp"]
     if args.worker:
         return worker(args)
     _one_thread()
@@ -365,7 +365,8 @@ def main(argv=None):
             print(f"  {dt}: rows differ at GEMM row counts {r['row_counts_differing_from_1024']}; "
                   f"1 vs 2 threads differ at {r['row_counts_differing_1_vs_2_threads']}")
     if "accuracy" in parts:
-        result["accuracy"] = rows = accuracy()
+        result["accuracy"] = rows = accuracy(**({"batches": (128,), "dtypes": ("float32",), "steps": (0, 20)}
+                                                 if args.quick else {}))
         print("\nmean-gradient error against math.fsum of the partials (MNIST MLP, micro-shard partials):")
         print(f"{'dtype':>8} {'batch':>5} {'m':>4} {'step':>4} {'P':>2} {'max |g|':>9} {'max today':>10} {'max repro':>10} "
               f"{'med today':>10} {'med repro':>10}")

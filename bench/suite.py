@@ -438,7 +438,7 @@ def main(argv=None):
     from bench import threads as threads_bench  # BLAS threads a rank: bound vs unbound, two hosts vs one (issue 14)
     results["threads"] = {"skipped": "--quick"} if args.quick else threads_bench.main(["--out", str(args.out)])
     from bench import reproducible as repro_bench  # --reproducible: cost side by side, accuracy (issue 12)
-    results["reproducible"] = repro_bench.main(["--quick"] if args.quick else [])
+    results["reproducible"] = repro_bench.main(["--quick"] * args.quick + ["--procs", *map(str, args.procs)])
     if args.data_bench:
         from bench import bench_data
         results["data"] = bench_data.main([] if args.data_scale is None else ["--scale", str(args.data_scale)])
