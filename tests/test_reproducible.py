@@ -260,3 +260,38 @@ def test_non_finite_gradient_names_the_step(tmp_path):
     proc = _user_run(tmp_path, 2, nan_at=205, check=False)  # row 5 of step 3's batch (rows 200..236)
     assert proc.returncode != 0
     assert "non-finite gradient at step 3: micro-shard 0 (rows 0..31 of the global batch of 37)" in proc.stderr, proc.stderr
+
+
+@pytest.mark.netns
+def test_two_hosts_give_the_single_process_bits(tmp_path, small_h5):
+    """2 + 2 ranks on two "hosts" (network namespaces joined by a veth pair, MPICH over TCP:
+    the shared-memory sum on each host, MPI_Allreduce of int64 between them) end with the bits
+    of one process."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from cluster import require
+    from cluster.netns import TwoHosts, missing_requirement
+
+    reason = missing_requirement()
+    require(reason is None, reason)
+    train = ("--reproducible", "--data", small_h5, "--batch-size", 128, "--epochs", 1, "--eval-batch-size", 100)
+    single = _train(tmp_path, "single", None, *train[1:])
+    hosts = TwoHosts().create()
+    try:
+        hostfile = tmp_path / "hosts"
+        hostfile.write_text("".join(f"{addr}:2\n" for addr in hosts.addrs))
+        e = hosts.env(env(PARANET_PYTHON=sys.executable))
+        out = tmp_path / "two"
+        cmd = hosts.command(0, [REPO / "launch" / "mpirun.sh", "-n", 4, "-f", hostfile, "--", *train,
+                                "--checkpoint", f"{out}.ckpt.h5", "--save-params", f"{out}.npz",
+                                "--metrics", f"{out}.json"])
+        proc = subprocess.run([str(c) for c in cmd], cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+        assert "shared memory (2 machines x 2 ranks)" in proc.stdout, proc.stdout
+    finally:
+        hosts.delete()
+    with np.load(f"{out}.npz") as f:
+        digest = hashlib.sha256(b"".join(f[k].tobytes() for k in f.files)).hexdigest()
+    assert digest == single[0], "two hosts: parameters differ from one process"
+    metrics = json.loads((tmp_path / "two.json").read_text())
+    assert metrics["world_size"] == 4
+    assert (metrics["test_loss"], metrics["test_accuracy"]) == (single[1]["test_loss"], single[1]["test_accuracy"])
