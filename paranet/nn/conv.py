@@ -20,6 +20,13 @@ def _out_size(size, window, stride, pad=0):
     return None if size is None else (size + 2 * pad - window) // stride + 1
 
 
+def _pool_masks_relu(conv):
+    """True when a relu-fused conv's only consumer is a MaxPool: the pool's gradient is non-zero
+    only at window maxima, where the conv's output is the pooled value, so the pool applies relu's
+    mask [y > 0] on its (smaller) output instead, and the conv skips it. Exact, ties included."""
+    return conv.relu and len(conv.next) == 1 and isinstance(conv.next[0], MaxPoolOp)
+
+
 class Conv2DOp(Node):
     """Cross-correlation of x (N, C, H, W) with kernels K (O, C, kh, kw) plus bias b (O,),
     zero-padded, as ``torch.nn.functional.conv2d``; output (N, O, Ho, Wo), then max(., 0) when
@@ -111,7 +118,7 @@ class Conv2DOp(Node):
             gt = self.buffer("gt", (O, Ho, Wo, N), g.dtype)
             np.copyto(gt, g.transpose(1, 2, 3, 0))
         g2 = gt.reshape(O, cols)
-        if self.relu:
+        if self.relu and not _pool_masks_relu(self):
             # relu: the gradient passes where the output is positive; g2 = g * [y > 0]
             y2 = self._buffers["out/batch-last"].reshape(O, cols)
             mask = np.greater(y2, 0, out=self.buffer("mask", (O, cols), np.bool_))
@@ -239,6 +246,10 @@ class MaxPoolOp(Node):
             ya = self._buffers["max"]  # the forward's contiguous copy of the maximum
         if not self.tiled or dx.shape[2] != Ho * kh or dx.shape[3] != Wo * kw:
             dx.fill(0)  # overlapping windows add up; floored rows/columns get no gradient
+        if isinstance(self.last[0], Conv2DOp) and _pool_masks_relu(self.last[0]):
+            # the input conv's relu: g * [max > 0] here, not on the conv's 4x larger gradient
+            mask = np.greater(ya, 0, out=self.buffer("relu-mask", ga.shape, np.bool_))
+            ga = np.multiply(ga, mask, out=self.buffer("g-relu", ga.shape, g.dtype))
         eq = self.buffer("eq", ga.shape, np.bool_)
         x_taps, dx_taps = self.taps(xa, Ho, Wo, axis), self.taps(dxa, Ho, Wo, axis)
         if self.tiled:
