@@ -40,10 +40,10 @@ def run_env(code, threads_one=False, extra=None):
     return e
 
 
-def train_args(args, data, tmp, tag):
+def train_args(args, data, tmp, tag, *extra):
     return ["-m", "paranet.train", "--data", str(data), "--model", "mlp", "--optimizer", "sgd", "--batch-size", "128",
             "--max-steps", str(args.steps), "--checkpoint", str(Path(tmp) / f"{tag}.ckpt.h5"),
-            "--metrics", str(Path(tmp) / f"{tag}.json")]
+            "--metrics", str(Path(tmp) / f"{tag}.json"), *extra]
 
 
 def run_case(cmd, env, metrics, cwd, timeout):
@@ -103,7 +103,12 @@ def two_host_cases(args, code, data, tmp, hosts, tag):
         f"{tag}P=2 two hosts, thread variables 1": (two("two1"), hosts.env(run_env(code, threads_one=True)),
                                                     Path(tmp) / "two1.json", tmp),
     }
-    return cases, {"two hosts / one host": (1, 0, None), "two hosts, variables 1 / one host": (2, 0, None)}
+    # the same sum as across the hosts (MPI_Allreduce), but through MPICH's shared memory on one host
+    cases[f"{tag}P=2 one host, no thread variable, --allreduce mpi"] = (
+        [mpiexec, "-n", "2", py, *train_args(args, data, tmp, "onempi", "--allreduce", "mpi")], run_env(code),
+        Path(tmp) / "onempi.json", tmp)
+    return cases, {"two hosts / one host": (1, 0, None), "two hosts, variables 1 / one host": (2, 0, None),
+                   "two hosts, variables 1 / one host MPI_Allreduce": (2, 3, None)}
 
 
 def compare(cases_and_ratios, repeats, timeout):
