@@ -437,6 +437,9 @@ def main(argv=None):
             results["time_to_accuracy"] = {"skipped": "run with --time-to-accuracy"}
     from bench import threads as threads_bench  # BLAS threads a rank: bound vs unbound, two hosts vs one (issue 14)
     results["threads"] = {"skipped": "--quick"} if args.quick else threads_bench.main(["--out", str(args.out)])
+    from bench import cnn as cnn_bench  # the CNN step against PyTorch and its GEMM limit (issue 13, target 2)
+    results["cnn"] = {"skipped": "--quick"} if args.quick else cnn_bench.main(
+        ["--out", str(args.out), "--python", args.python] + ["--no-torch"] * args.no_torch)
     from bench import reproducible as repro_bench  # --reproducible: cost side by side, accuracy (issue 12)
     results["reproducible"] = repro_bench.main(["--quick"] * args.quick + ["--procs", *map(str, args.procs)])
     if args.data_bench:
@@ -445,6 +448,7 @@ def main(argv=None):
     else:
         results["data"] = {"skipped": "run with --data-bench"}
     results["targets"] = evaluate_targets(results)
+    results["targets"] += results["cnn"].get("targets", [])
     results["load_average"]["after"] = os.getloadavg()[0]
     results["seconds"] = time.perf_counter() - t_start
     png = args.out / "scaling.png"
