@@ -306,6 +306,8 @@ def worker(args):
     if "torch" in seconds:
         out["paranet_over_torch_paired"] = [t / e for e, t in zip(seconds["paranet"], seconds["torch"])]
         out["paranet_over_torch"] = statistics.median(out["paranet_over_torch_paired"])
+        # the GEMMs alone against torch: the most any implementation of these FLOPs at this sgemm rate could reach
+        out["limit_over_torch"] = statistics.median(t / g for g, t in zip(seconds["gemm"], seconds["torch"]))
     if args.profile_steps:
         out["ops"] = op_breakdown(engine, batches, args.profile_steps)
     if world.rank == 0:
@@ -356,6 +358,9 @@ def report(results):
               f"{'—' if t is None else format(t, ',.0f'):>10} {c['limit_samples_per_s']:>10,.0f} "
               f"{c['gemm_gflops']:>10.1f} {'—' if r is None else format(r, '.2f') + 'x':>9} "
               f"{100 * c['paranet_over_limit']:>8.1f}%")
+        if "limit_over_torch" in c:
+            print(f"     the GEMMs alone run {c['limit_over_torch']:.2f}x torch's step: the ceiling of paranet / torch "
+                  f"at these FLOPs and this sgemm rate")
         if "torch_skipped" in c:
             print(f"     torch skipped: {c['torch_skipped']}")
         if "agreement" in c:
