@@ -51,7 +51,7 @@ def write_synthetic(path, rows, seed=0, block=60000):
             b = min(rows, a + block)
             im[a:b] = rng.integers(0, 256, (b - a, 28, 28), np.uint8)
             lab[a:b] = rng.integers(0, 10, b - a, np.uint8)
-        f.attrs.update({"train_mean": 0.5, "train_std": 0.29, "format_version": FORMAT_VERSION})
+        f.attrs.update({"train_mean": 0.5, "train_std": 0.29, "num_classes": 10, "format_version": FORMAT_VERSION})
     return path
 
 

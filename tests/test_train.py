@@ -267,3 +267,35 @@ def test_progress_bar_on_a_terminal(mnist_h5, tmp_path):
     assert "epoch 1/12:" in shown and "it/s" in shown  # tqdm's bar
     piped = run_train(None, "--data", mnist_h5, "--max-steps", 40, "--checkpoint", tmp_path / "ck2.h5")
     assert "it/s" not in piped.stdout + piped.stderr
+
+
+@pytest.mark.parametrize("change", ["truncate", "copy-over"])
+def test_a_data_file_changed_under_the_job_stops_it_and_keeps_the_last_checkpoint(change, mnist_h5, tmp_path):
+    """Issue 11's silent corruption: truncating --data, or copying another valid file over it in
+    place, while `mpirun -n 2` trains. The job must fail naming the file, and the checkpoint of
+    the last good epoch must stay as it was (no metrics, no checkpoint from the changed data)."""
+    import shutil
+
+    data, ck, metrics = tmp_path / "d.h5", tmp_path / "ck.h5", tmp_path / "m.json"
+    shutil.copyfile(mnist_h5, data)
+    other = tmp_path / "other.h5"
+    if change == "copy-over":
+        from paranet.data import prepare_mnist
+
+        prepare_mnist(other, seed=1, progress=False)  # valid, same size, other rows
+    proc = subprocess.Popen(train_cmd(2, "--data", data, "--batch-size", 32, "--epochs", 20, "--checkpoint", ck,
+                                      "--metrics", metrics), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not ck.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ck.exists(), proc.communicate()
+    good = ck.read_bytes()
+    if change == "truncate":
+        subprocess.run(["truncate", "-s", "1200K", str(data)], check=True)
+    else:
+        subprocess.run(["cp", str(other), str(data)], check=True)  # in place: same inode
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out
+    assert str(data) in err and "Traceback" not in err, err
+    assert ck.read_bytes() == good and not metrics.exists()
