@@ -163,6 +163,7 @@ def _repro_as_trained(partials, dt, N):
     fp.zero()
     for a, n in zip(arrays, weights):
         fp.add(a, n)
+    fp.settle()
     out = fp.to_float(fp.acc, np.empty(arrays[0].size, dt))
     return out * dt.type(1.0 / N)
 
@@ -218,9 +219,10 @@ def cost(n=101770, micro_shards=4, repeats=200):
         for k in range(micro_shards):
             np.copyto(stash[k], grads)
         e = rp.exponent_of(list(stash))
-        fp.start(rp.fraction_bits(e, 32 * micro_shards))
+        fp.start(rp.fraction_bits(e, 32 * micro_shards), 32 * micro_shards)
         for k in range(micro_shards):
             fp.add(stash[k], 32)
+        fp.settle()
         fp.to_float(fp.acc, out)
 
     def back():

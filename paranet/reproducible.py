@@ -30,7 +30,10 @@ MICRO_MIN, MICRO_MAX = 32, 128  # micro-shard rows: see micro_size
 # Codes of FixedPoint.exponent besides a real exponent: every partial is zero, or some is not finite.
 ZERO = -(1 << 40)
 NONFINITE = 1 << 50
-HEADROOM = 62  # a sum of partials stays below 2**62 in magnitude: int64 never overflows
+HEADROOM = 51  # a sum of partials stays below 2**51 in magnitude: each rounds exactly by MAGIC, int64 never overflows
+LO_HEADROOM = 62  # the second word (float64): its sum stays below 2**62
+MAGIC = 1.5 * 2.0 ** 52  # y + MAGIC is rint(y) in the low bits of a float64, for |y| < 2**51
+MAGIC_BITS = int(np.array(MAGIC).view(np.int64))
 STOP_UNIT = 1024  # the stop slot holds stop * STOP_UNIT as an integer (the trainer sends fractions)
 MAX_BITS = 960  # 2**bits stays a finite float64; partials below 2**-960 round to zero
 
@@ -107,7 +110,7 @@ def exponent_of(arrays):
 
 def fraction_bits(exponent, total_weight):
     """Fraction bits of the fixed-point grid for partials below 2**exponent whose weights add up
-    to ``total_weight``: the sum of |weight * partial| * 2**bits stays below 2**62."""
+    to ``total_weight``: the sum of |weight * partial| * 2**bits stays below 2**51."""
     if exponent == ZERO:
         return 0
     bits = HEADROOM - exponent - max(1, int(total_weight)).bit_length()
@@ -117,18 +120,20 @@ def fraction_bits(exponent, total_weight):
 class FixedPoint:
     """An exact sum of weighted float arrays as int64 multiples of 2**-bits.
 
-    ``add(x, w)`` adds trunc(w * x * 2**bits) element-wise to the int64 accumulator ``acc``.
+    ``add(x, w)`` adds rint(w * x * 2**bits) element-wise to the int64 accumulator ``acc``.
     Integer addition is associative, so the total is the same bits whatever the order and
     grouping of the ``add`` calls and of the sums of several accumulators (over ranks). With
     ``bits`` from ``fraction_bits(exponent_of(partials), sum of weights)``, nothing overflows.
-    The product w * x * 2**bits is computed exactly (in float32 when w is a power of two and
-    the scale fits, else in float64), so the only errors are the truncation, below 2**-bits
-    per add, and the one rounding of ``to_float``.
+    The product w * x * 2**bits is computed in float64 (exactly for float32 partials, and for
+    float64 ones when w is a power of two) and rounded to an integer by adding MAGIC, whose
+    float64 bits then hold the integer: no float -> int64 cast, which numpy does slowly. So the
+    only errors are that rounding, at most 2**-(bits + 1) per add, and the one rounding of
+    ``to_float``. Call ``settle()`` after the last ``add`` (it removes the MAGIC bias).
 
     With ``words=2`` (float64 training) each element also keeps the truncated remainder on a
-    grid 2**(62 - bits(total weight)) times finer, in a second int64 word: 2**-116 of the
-    largest partial instead of 2**-54, so that the sum is no less accurate than float64
-    additions also for the many elements far below the largest.
+    grid 2**(62 - bits(total weight)) times finer, in a second int64 word (truncated): about
+    2**-103 of the largest partial instead of 2**-43, so that the sum is no less accurate than
+    float64 additions also for the many elements far below the largest.
 
     Args:
         n: elements per array.
@@ -146,34 +151,48 @@ class FixedPoint:
             raise ValueError(f"FixedPoint: expected an int64 accumulator of shape ({words * self.n},), "
                              f"got {self.acc.dtype} {self.acc.shape}")
         self._tmp = np.empty(words * self.n, np.int64)
-        self._f64 = np.empty(self.n, np.float64) if words == 2 else None
+        self._f64 = np.empty(self.n, np.float64)
+        self._bias = 0  # adds whose MAGIC bias is still in acc (see settle)
         self.bits = self.lo_bits = 0
         self.fresh = True  # the next add overwrites acc instead of adding to it
 
     def start(self, bits, total_weight=1):
         """Begin a new sum on the grid 2**-bits (the second word's grid from ``total_weight``)."""
         self.bits = int(bits)
-        self.lo_bits = HEADROOM - max(1, int(total_weight)).bit_length()
+        self.lo_bits = LO_HEADROOM - max(1, int(total_weight)).bit_length()
         self.fresh = True
+        self._bias = 0
 
     def add(self, x, weight=1):
-        """acc += trunc(weight * x * 2**bits), element-wise; x is float32 or float64."""
+        """acc += rint(weight * x * 2**bits), element-wise; x is float32 or float64."""
         x = np.asarray(x).reshape(-1)
         scale = float(weight) * 2.0 ** self.bits  # exact: weight < 2**53, power-of-two factor
-        out = self.acc if self.fresh else self._tmp
         if self.words == 2:
+            out = self.acc if self.fresh else self._tmp
             self._add_two_words(x, scale, out)
+            if not self.fresh:
+                np.add(self.acc, self._tmp, out=self.acc)
+            self.fresh = False
+            return
+        y = self._f64
+        np.copyto(y, x)  # float32 -> float64: exact (and fast)
+        y *= scale  # exact for float32 x: 24 + 8 significant bits at most
+        y += MAGIC  # y = MAGIC + rint(y): |y| < 2**51
+        q = y.view(np.int64)  # MAGIC_BITS + rint(y)
+        if self.fresh:
+            np.subtract(q, MAGIC_BITS, out=self.acc)
         else:
-            w = int(weight)
-            exact32 = (x.dtype == np.float32 and w == weight and w > 0 and (w & (w - 1)) == 0
-                       and -120 < self.bits + w.bit_length() < 120)
-            if x.dtype == np.float64 or exact32:  # x * scale is exact in x's dtype (a power of two), or float64
-                np.multiply(x, x.dtype.type(scale), out=out, casting="unsafe")
-            else:  # float32 times a weight that is not a power of two: exact in float64
-                np.multiply(x, scale, out=out, dtype=np.float64, casting="unsafe")
-        if not self.fresh:
-            np.add(self.acc, self._tmp, out=self.acc)
+            np.add(self.acc, q, out=self.acc)  # may wrap past 2**63: settle() brings it back, mod 2**64
+            self._bias += 1
         self.fresh = False
+
+    def settle(self):
+        """Remove the MAGIC bias the adds left in ``acc`` (one pass; integer arithmetic modulo
+        2**64, so acc is exactly the sum of the rounded values again). Call before reading acc."""
+        if self._bias:
+            bias = (self._bias * MAGIC_BITS) % (1 << 64)
+            np.subtract(self.acc, np.int64(bias - (1 << 64) if bias >= 1 << 63 else bias), out=self.acc)
+            self._bias = 0
 
     def _add_two_words(self, x, scale, out):
         """out = (hi, lo): hi = trunc(y), lo = trunc((y - hi) * 2**lo_bits), y = x * scale in float64."""
@@ -202,7 +221,7 @@ class FixedPoint:
         info = np.finfo(out.dtype)
         with np.errstate(over="ignore"):  # an overflow is looked for below, and named
             self._to_float(total, out, scale, divisor, info)
-        if HEADROOM - self.bits >= info.maxexp:  # |sum| < 2**(62 - bits) may not fit: look
+        if HEADROOM - self.bits >= info.maxexp:  # |sum| < 2**(51 - bits) may not fit: look
             with np.errstate(over="ignore", invalid="ignore"):
                 if not np.isfinite(out).all():
                     raise ExactSumError(f"a sum exceeds the largest {out.dtype} ({info.max:.3g}) and cannot be held")
@@ -252,6 +271,7 @@ def exact_sum(arrays, weights=None, dtype=None):
     fp.zero()
     for a, w in zip(arrays, weights):
         fp.add(a, w)
+    fp.settle()
     return fp.to_float(fp.acc, np.empty(n, dtype))
 
 
@@ -411,6 +431,7 @@ class MicroShardSteps:
             fp.zero()  # no rows here: this rank adds zeros
         for i, k in enumerate(ks):
             fp.add(self._stash[i], micro_shard(n_global, micro, k)[1])
+        fp.settle()
         tail[self.COUNT], tail[self.STOP], tail[self.CORRECT] = n_local, round(stop * STOP_UNIT), correct
         t0 = time.perf_counter()
         summed = self.sum_over_ranks(buf)

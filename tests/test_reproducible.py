@@ -58,11 +58,12 @@ def test_exact_sum_same_bits_in_every_order_and_grouping(dtype):
             fp.zero()
             for i in reversed(range(lo, hi)):
                 fp.add(vs[i], ws[i])
+            fp.settle()
             total += fp.acc
         out = fp.to_float(total, np.empty(vs[0].size, dtype))
         assert out.tobytes() == reference.tobytes(), f"grouping {bounds} changed the bits"
-    # and it is math.fsum's sum within the error bound of the fixed-point grid: below one grid
-    # step (2**-bits, two words: 2**-(bits + lo_bits)) per partial, plus one rounding to the dtype
+    # and it is math.fsum's sum within the error bound of the fixed-point grid: half a grid step
+    # (2**-bits; two words: 2**-(bits + lo_bits), truncated) per partial, plus one rounding to the dtype
     exact = _fsum_reference(vs, ws)
     grid = 2.0 ** -(bits + (62 - sum(ws).bit_length() if words == 2 else 0))
     bound = np.spacing(np.abs(exact).astype(dtype)).astype(np.float64) + len(vs) * grid
@@ -97,10 +98,11 @@ def test_limits_of_the_representation():
     # a sum of float32 values past float32's range is an error, not an infinity
     with pytest.raises(rp.ExactSumError, match="cannot be held"):
         rp.exact_sum([top, top, top])
-    # the documented limits of the grid: an element more than 2**(62 + 60 - log2 rows) below the
-    # largest |partial| counts as zero (float64, two words; float32: 2**(62 - log2 rows)), and
+    # the documented limits of the grid: an element more than 2**(51 + 60 - log2 rows) below the
+    # largest |partial| counts as zero (float64, two words; float32: 2**(51 - log2 rows)), and
     # so do partials below 2**-MAX_BITS
-    grid64, grid32 = 2.0 ** -(59 + 60), 2.0 ** -59  # largest 1.0 (exponent 1), 2 rows: bits 62 - 1 - 2
+    bits = rp.fraction_bits(1, 2)  # the largest is 1.0 (exponent 1), 2 rows
+    grid64, grid32 = 2.0 ** -(bits + 62 - 2), 2.0 ** -bits
     got = rp.exact_sum([np.array([1e-30, 1.0]), np.array([0.0, 1.0])])
     assert got[1] == 2.0 and 0 < abs(got[0] - 1e-30) <= grid64
     got = rp.exact_sum([np.array([1e-40, 1.0]), np.array([0.0, 1.0])])
