@@ -528,8 +528,75 @@ class BatchReader:
         for start, n_global in zip(starts[start_step:], lengths[start_step:]):
             begin, count = self.shard(int(n_global))
             first = offset + int(start) + begin
+            if self._staged is not None:
+                yield self._staged_rows(first, count, n_global)
+                continue
             raw, lab = self._read_rows(first, count)
             yield self._make_batch(raw, lab, n_global, first)
+
+    # -- staged in memory -------------------------------------------------------------------
+
+    _staged = None  # (x, y) of the whole split, normalised, when stage() was called
+
+    def staged_bytes(self):
+        """Bytes this split takes in memory once staged: x in the training dtype, y as read."""
+        row = int(np.prod(self.sample_shape, dtype=np.int64)) * self.dtype.itemsize
+        label = self.num_classes * self.dtype.itemsize if self.one_hot else 8
+        return self.num_samples * (row + label)
+
+    def stage(self, shared_array=None):
+        """Hold the whole split in memory, already normalised in the training dtype (and labels
+        one-hot), so that a step's read is a view; the file is read once, in bounded pieces,
+        with the same checks and the same arithmetic as a step's read (the batches are
+        bit-identical). ``shared_array(shape, dtype, fill)`` (``World.shared_array``) makes
+        the copy once per machine, shared by its ranks; by default it is this process's own.
+        """
+        if shared_array is None:
+            def shared_array(shape, dtype, fill):
+                arr = np.empty(shape, dtype)
+                fill(arr)
+                arr.flags.writeable = False
+                return arr
+        n = self.num_samples
+        piece = max(1, (16 << 20) // (int(np.prod(self.sample_shape, dtype=np.int64)) * self.dtype.itemsize))  # 16 MiB
+        ys = {}
+
+        def fill_x(x):
+            for a in range(0, n, piece):
+                b = min(n, a + piece)
+                raw, lab = self._read_rows(a, b - a)
+                batch = self._make_batch(raw, lab, b - a, a)
+                x[a:b] = batch.x
+                ys[a] = batch.y
+
+        def fill_y(y):
+            if not ys:  # another rank filled x: read the labels here
+                for a in range(0, n, piece):
+                    b = min(n, a + piece)
+                    y[a:b] = self._make_batch(*self._read_rows(a, b - a), b - a, a).y
+                return
+            for a, part in ys.items():
+                y[a:a + len(part)] = part
+
+        x = shared_array((n, *self.sample_shape), self.dtype, fill_x)
+        y_shape = (n, self.num_classes) if self.one_hot else (n,)
+        y = shared_array(y_shape, self.dtype if self.one_hot else np.int64, fill_y)
+        ys.clear()
+        self._staged = (x, y)
+        return self
+
+    def _staged_rows(self, first, count, n_global):
+        """This rank's rows first.. (wrapping at N) of the staged split: views, or one copy at the wrap."""
+        x, y = self._staged
+        n = self.num_samples
+        a = first % n
+        if a + count <= n:
+            xs, ys = x[a:a + count], y[a:a + count]
+        else:
+            xs = np.concatenate([x[a:], x[:a + count - n]])
+            ys = np.concatenate([y[a:], y[:a + count - n]])
+        self.rows_read += count
+        return Batch(xs, ys, count, int(n_global))
 
     def epoch(self, epoch, start_step=0):
         """Iterate this rank's batches of one epoch.
