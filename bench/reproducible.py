@@ -116,20 +116,16 @@ def sum_errors(partials, dtype, ranks):
     g = np.stack([p for p, _ in partials]).astype(np.float64)  # exact copies of the float partials
     w = np.array([n for _, n in partials], np.float64)
     N = w.sum()
-    exact = np.array([math.fsum(col) for col in (g * (w[:, None] / N)).T])  # w/N g: exact? see note
-    # note: (w/N) * g rounds in float64 (53 bits) from float32 partials; the error of that, below
-    # 2**-53 relative, is far below what is measured here. For float64 partials we use fsum of
-    # the n_k * g_k products split exactly (Dekker) so the reference stays exact to ~2**-100.
-    if dt == np.float64:
+    if dt == np.float64:  # fsum of the products n_k g_k split exactly (Dekker): exact to ~2**-100
         exact = _exact_mean_f64(g, w)
-    repro = rp.exact_sum([p for p, _ in partials], [n for _, n in partials], dtype=dt)
-    repro = repro.astype(np.float64) / N if dt == np.float32 else repro / N
-    # the trainer's path divides in the optimizer: out = sum * 2**-bits (one rounding), then /N
-    repro_path = _repro_as_trained(partials, dt, N)
-    # today: rank i's gradient is the float mean over its rows; here approximated by its
-    # partials' float sum weighted in the training dtype (the in-GEMM sum is float too)
-    K = len(partials)
-    runs = [rp.local_micro_shards(int(N), r, ranks, partials_micro(partials)) for r in range(ranks)]
+    else:  # float32 partials times w/N (a power of two here, else one float64 rounding, 2**-53)
+        exact = np.array([math.fsum(col) for col in (g * (w[:, None] / N)).T])
+    repro = _repro_as_trained(partials, dt, N)
+    # today: rank i's gradient is the float mean over its rows (a GEMM's float sum), here its
+    # micro-shards' partials added in the training dtype; weighted by n_i P / N in that dtype,
+    # summed over the ranks in rank order, times 1 / P: as DistributedOptimizer does
+    micro = partials[0][1]
+    runs = [rp.local_micro_shards(int(N), r, ranks, micro) for r in range(ranks)]
     total = np.zeros(g.shape[1], dt)
     for run in runs:
         if len(run) == 0:
@@ -142,14 +138,10 @@ def sum_errors(partials, dtype, ranks):
         total += local
     today = total * dt.type(1.0 / ranks)
     e_today = np.abs(today.astype(np.float64) - exact)
-    e_repro = np.abs(repro_path.astype(np.float64) - exact)
+    e_repro = np.abs(repro.astype(np.float64) - exact)
     return {"max_today": float(e_today.max()), "median_today": float(np.median(e_today)),
             "max_repro": float(e_repro.max()), "median_repro": float(np.median(e_repro)),
-            "max_abs_grad": float(np.abs(exact).max()), "partials": K}
-
-
-def partials_micro(partials):
-    return partials[0][1]
+            "max_abs_grad": float(np.abs(exact).max()), "partials": len(partials)}
 
 
 def _repro_as_trained(partials, dt, N):

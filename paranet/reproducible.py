@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 
-INT64_MIN = np.iinfo(np.int64).min
 MICRO_MIN, MICRO_MAX = 32, 128  # micro-shard rows: see micro_size
 # Codes of FixedPoint.exponent besides a real exponent: every partial is zero, or some is not finite.
 ZERO = -(1 << 40)
