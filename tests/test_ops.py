@@ -151,6 +151,9 @@ OPS = {
     "Conv2D-s2-p0-2x3-floor": conv_row((2, 3, 7, 8), (2, 3, 2, 3), stride=2, padding=0),
     "Conv2D-s(2,1)-p(0,1)": conv_row((1, 2, 6, 5), (2, 2, 3, 3), stride=(2, 1), padding=(0, 1)),
     "Conv2D-1x1": conv_row((2, 3, 4, 4), (2, 3, 1, 1)),
+    "Conv2D-rows-8ch-4x4": conv_row((2, 8, 7, 6), (3, 8, 4, 4)),  # C*kw >= 32: one GEMM per kernel row
+    "Conv2D-rows-s(1,2)-p1-relu": conv_row((2, 8, 6, 9), (2, 8, 3, 4), stride=(1, 2), padding=1, activation=pn.relu,
+                                           ref_act=lambda y: np.maximum(y, 0)),
     "Conv2D-relu": conv_row((2, 1, 6, 6), (2, 1, 3, 3), activation=pn.relu, ref_act=lambda y: np.maximum(y, 0)),
     "MaxPool-2": pool_row((2, 3, 6, 4)),
     "MaxPool-2-floor": pool_row((2, 2, 7, 5)),
