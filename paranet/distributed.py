@@ -46,6 +46,7 @@ class World:
         self.allreduce_method = "mpi"
         self.nodes = 1
         self.blas = None  # the ThreadDecision init() made for this rank (paranet.threads)
+        self.watchdog = None  # a paranet.watchdog.Watchdog timing the waits in sum_over_ranks and barrier
         if MPI is None:
             if not _warned_no_mpi:
                 warnings.warn("mpi4py is not installed: running single-process", stacklevel=2)
@@ -126,9 +127,15 @@ class World:
         MPI_Allreduce and returned.
         """
         if self.distributed:
+            wd = self.watchdog
+            if wd is not None:
+                wd.enter("sum over the ranks")
             if self._shm is not None and buf is self._shm.buffer:
-                return self._shm.allreduce()
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                buf = self._shm.allreduce()
+            else:
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            if wd is not None:
+                wd.leave()
         return buf
 
     def shared_buffer(self, like):
@@ -175,7 +182,11 @@ class World:
 
     def barrier(self):
         if self.distributed:
+            if self.watchdog is not None:
+                self.watchdog.enter("barrier")
             self.comm.Barrier()
+            if self.watchdog is not None:
+                self.watchdog.leave()
 
     def abort(self, code=1):
         """End every rank of the job now."""

@@ -147,6 +147,7 @@ class Trainer:
         self._checkpoint_request = False  # rank 0: --checkpoint-every minutes is due
         self._last_save = time.monotonic()
         self._lock = None
+        self._watchdog = None
         for cb in self.callbacks:
             cb.set_trainer(self)
         if self.fault and self.fault["step"] < 0:  # test hook: a fault during start-up
@@ -389,6 +390,24 @@ class Trainer:
         if error:
             raise Stop(f"paranet: error: {error}", 2)
 
+    def _start_watchdog(self):
+        """With several ranks and a stall timeout, abort the job when ranks wait longer than
+        that for each other in a gradient sum or barrier (``paranet.watchdog``); collective."""
+        if self.stall_timeout and self.world.distributed:
+            from .watchdog import Watchdog
+
+            self._watchdog = self.world.watchdog = Watchdog(self.world, self.stall_timeout)
+
+    def _stop_watchdog(self, collective=True):
+        if self._watchdog is not None:
+            self.world.watchdog = None
+            self._watchdog.close(free=collective)
+            self._watchdog = None
+
+    def _watchdog_context(self, where):
+        if self._watchdog is not None:
+            self._watchdog.step, self._watchdog.context = None, where
+
     def _release_lock(self):
         if self._lock is not None:
             self._lock.release()
@@ -427,8 +446,18 @@ class Trainer:
                 self.open_data()
             if self.resume_requested:
                 self.resume()
+            self._start_watchdog()
             self.log(self.describe(), flush=True)
-            return self._loop()
+            metrics = self._loop()
+        except Stop:  # every rank stops here alike (a rank-0-only Stop comes after the last collective)
+            self._stop_watchdog()
+            raise
+        except BaseException:  # this rank alone, maybe: no collective here (the abort hook ends the job)
+            self._stop_watchdog(collective=False)
+            raise
+        else:
+            self._stop_watchdog()
+            return metrics
         finally:
             self._release_lock()
             signal.signal(signal.SIGTERM, previous)
@@ -464,6 +493,8 @@ class Trainer:
             for batch in self.batches():
                 for cb in begin_hooks:
                     cb.on_step_begin(self.global_step, None)
+                if self._watchdog is not None:
+                    self._watchdog.step = self.global_step + 1  # named if the step's sum stalls
                 count, loss_sum, correct, stop = self.step(batch)
                 self.global_step += 1
                 if self.recording is not None and self.global_step == self.timeline_steps:
@@ -509,6 +540,7 @@ class Trainer:
                 "samples_per_second": (sums[2] - resumed_count) / seconds if seconds else 0.0, "comm_share": comm / seconds if seconds else 0.0,
             }
             if self.val_reader is not None:
+                self._watchdog_context(f"validation after step {self.global_step}")
                 record["val_loss"], record["val_accuracy"] = self.evaluate(self.val_reader)
             self.history.append(record)
             if self.step_in_epoch >= steps_per_epoch:
@@ -532,6 +564,7 @@ class Trainer:
             self._check_replicas()
         test_loss = test_acc = None
         if self.test_reader is not None:
+            self._watchdog_context(f"test evaluation after step {self.global_step}")
             test_loss, test_acc = self.evaluate(self.test_reader)
         wall = time.perf_counter() - t_start
         if test_loss is not None:
@@ -679,6 +712,8 @@ def _inject(fault, params):
         params.values[0] += 1e-3  # this replica now differs from the others
     elif fault["kind"] == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)  # this rank alone is signalled
+    elif fault["kind"] == "sigstop":
+        os.kill(os.getpid(), signal.SIGSTOP)  # this rank stops dead, as a hung one would
     else:
         raise RuntimeError(f"injected fault at step {fault['step']} (PARANET_FAULT)")
 

@@ -312,3 +312,29 @@ def test_a_bad_val_or_test_split_under_mpirun_is_one_line_once(tmp_path, split, 
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("paranet: error: ") and f"/{split}/" in lines[0], proc.stderr
     assert "Abort" not in proc.stdout + proc.stderr and not (tmp_path / "ck.h5").exists()
+
+
+# -- item 16: a stopped rank does not hang the job ---------------------------------------------
+
+
+@pytest.mark.mpi
+def test_a_rank_in_sigstop_is_named_and_the_job_aborts(mnist_h5, tmp_path):
+    """Rank 1 stops itself (SIGSTOP) during step 11: the others name it and the step within the
+    timeout, and the job ends with status 3 instead of spinning forever."""
+    cmd = train_cmd(3, "--data", mnist_h5, "--batch-size", 96, "--max-steps", 40, "--checkpoint", tmp_path / "ck.h5",
+                    "--stall-timeout", 2)
+    t0 = time.monotonic()
+    job = subprocess.Popen(cmd, cwd=REPO, env=env(PARANET_FAULT="rank=1,step=10,kind=sigstop"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)  # never leave a stopped rank behind
+            job.wait()
+    seconds = time.monotonic() - t0
+    assert job.returncode == 3, out + err
+    stalled = [line for line in err.splitlines() if line.startswith("paranet: stalled")]
+    assert stalled == ["paranet: stalled: rank 1 did not arrive at the sum over the ranks of step 11 within 2 s "
+                       "(--stall-timeout); aborting the job"], err
+    assert seconds < 30 and "Traceback" not in err
