@@ -238,6 +238,32 @@ def test_a_write_that_fails_late_is_one_line_and_keeps_the_good_checkpoint(mnist
     assert attrs(ck)["global_step"] == 400
 
 
+@pytest.mark.mpi
+def test_a_checkpoint_write_that_fails_mid_run_stops_every_rank_with_one_line(mnist_h5, tmp_path):
+    """The checkpoint's folder is moved away and a file put in its place while two ranks train
+    with --checkpoint-every: the next write fails, every rank stops after the same step, one
+    line, exit 1, and the last good checkpoint (in the moved folder) is whole."""
+    run_dir, moved = tmp_path / "run", tmp_path / "moved"
+    ck, log = run_dir / "ck.h5", tmp_path / "log"
+    with open(log, "w") as f:
+        job = subprocess.Popen(train_cmd(2, "--data", mnist_h5, "--batch-size", 64, "--max-steps", 400, "--checkpoint", ck,
+                                         "--checkpoint-every", 20), cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not ck.exists():
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        run_dir.rename(moved)
+        run_dir.write_text("now a file")
+        assert job.wait(timeout=120) == 1, log.read_text()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    errors = [line for line in log.read_text().splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert errors == [f"paranet: error: {ck}: cannot create its directory {run_dir} (File exists)"], log.read_text()
+    assert 20 <= attrs(moved / "ck.h5")["global_step"] < 400
+
+
 # -- item 4: resuming onto other data, or with flags that change what the step means ------------
 
 
