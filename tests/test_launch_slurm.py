@@ -211,33 +211,37 @@ print("PROBE " + json.dumps({"rank": w.rank, "size": w.size, "allowed": sorted(o
 """
 
 
-@pytest.mark.parametrize("ntasks", [1, 2])
-def test_cpus_per_task_1_bound_ranks_run_one_blas_thread(binding_slurm, mnist_h5, tmp_path, ntasks):
-    """--cpus-per-task=1 --cpu-bind=cores: each rank may use one CPU, so one BLAS thread, whatever
-    os.cpu_count() says (with one task, cpu_count() // ranks on the node would give every core).
-    No thread variable is set in the job: paranet's own rule decides (launch/slurm.sbatch sets
-    them to 1, which would decide instead)."""
+@pytest.mark.parametrize("ntasks, cpus", [(1, 1), (2, 1), (1, 2)])
+def test_bound_ranks_run_a_blas_thread_per_cpu_of_their_task(binding_slurm, mnist_h5, tmp_path, ntasks, cpus):
+    """--cpus-per-task=K --cpu-bind=cores: each rank may use its own K CPUs, so K BLAS threads,
+    whatever os.cpu_count() says (with one task of one CPU, cpu_count() // ranks on the node would
+    give every core). No thread variable is set in the job: paranet's own rule decides
+    (launch/slurm.sbatch sets them to 1, which would decide instead). Since SLURM 22.05 srun no
+    longer inherits --cpus-per-task from sbatch: the job passes it on."""
+    if ntasks * cpus > binding_slurm.cpus:
+        pytest.skip(f"needs {ntasks * cpus} CPUs, the node has {binding_slurm.cpus}")
     probe = tmp_path / "probe.py"
     probe.write_text(THREADS_PROBE)
     script = tmp_path / "bound.sh"
+    srun = 'srun --mpi=pmi2 --cpu-bind=cores --cpus-per-task="$SLURM_CPUS_PER_TASK"'
     script.write_text(f"""#!/bin/bash
 set -euo pipefail
 unset OMP_NUM_THREADS OPENBLAS_NUM_THREADS MKL_NUM_THREADS
-srun --mpi=pmi2 --cpu-bind=cores "{sys.executable}" "{probe}"
-srun --mpi=pmi2 --cpu-bind=cores "{sys.executable}" -m paranet.train --data "{mnist_h5}" --max-steps 2 \\
-    --checkpoint "{tmp_path}/ck.h5"
+{srun} "{sys.executable}" "{probe}"
+{srun} "{sys.executable}" -m paranet.train --data "{mnist_h5}" --max-steps 2 --checkpoint "{tmp_path}/ck.h5"
 """)
     out = tmp_path / "job.out"
-    job = binding_slurm.sbatch(script, options=[f"--ntasks={ntasks}", "--cpus-per-task=1", f"--output={out}"],
+    job = binding_slurm.sbatch(script, options=[f"--ntasks={ntasks}", f"--cpus-per-task={cpus}", f"--output={out}"],
                                env=_job_env(binding_slurm))
     rec = binding_slurm.wait(job, timeout=90)
     log = _read(out)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", f"{rec}\n{log}"
     reports = sorted((json.loads(part.split("\n", 1)[0]) for part in log.split("PROBE ")[1:]), key=lambda r: r["rank"])
     assert [(r["rank"], r["size"]) for r in reports] == [(i, ntasks) for i in range(ntasks)], log  # one world
-    assert all(len(r["allowed"]) == 1 for r in reports), log  # bound: one CPU each ...
-    assert len({r["allowed"][0] for r in reports}) == ntasks, log  # ... a different one each
-    assert [r["blas"] for r in reports] == [[1]] * ntasks, log
-    assert {r["describe"] for r in reports} == {"1 BLAS thread a rank (1 CPU allowed)"}
+    assert all(len(r["allowed"]) == cpus for r in reports), log  # bound: K CPUs each ...
+    assert len({c for r in reports for c in r["allowed"]}) == ntasks * cpus, log  # ... none shared
+    assert [r["blas"] for r in reports] == [[cpus]] * ntasks, log
+    why = f"{cpus} BLAS thread{'s' * (cpus > 1)} a rank ({cpus} CPU{'s' * (cpus > 1)} allowed)"
+    assert {r["describe"] for r in reports} == {why}
     header = next(line for line in log.splitlines() if line.startswith("paranet: world size"))
-    assert header.startswith(f"paranet: world size {ntasks},") and header.endswith("; 1 BLAS thread a rank (1 CPU allowed)"), log
+    assert header.startswith(f"paranet: world size {ntasks},") and header.endswith(f"; {why}"), log
