@@ -24,7 +24,7 @@ OPTIMIZERS = {"adam": AdamOptimizer, "momentum": MomentumOptimizer, "sgd": Gradi
 def trained(kind="adam", dtype="float32", seed=0, steps=2):
     """A small MLP and its optimizer after ``steps`` real updates (so the optimizer has its slots)."""
     rng = np.random.default_rng(seed)
-    model = mlp(rng, hidden=8)
+    model = mlp((784,), 10, rng=rng, hidden=(8,))
     sess = Session(dtype)
     opt = OPTIMIZERS[kind](0.01, model.loss)
     x = rng.random((16, 784))
@@ -277,8 +277,8 @@ def test_cleanup_stale_removes_what_a_sigkill_mid_write_left_and_nothing_else(tm
 
 HOLDER = """
 import sys, time
-from paranet.checkpoint import checkpoint.RunLock
-with checkpoint.RunLock(sys.argv[1]):
+from paranet.checkpoint import RunLock
+with RunLock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(60)
 """
