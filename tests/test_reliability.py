@@ -296,6 +296,19 @@ def test_resume_onto_other_data_or_changed_flags_is_refused_naming_both(mnist_h5
     assert attrs(ck)["global_step"] == 6 and attrs(ck)["data"]["path"] == str(copy.resolve())
 
 
+@pytest.mark.mpi
+def test_a_bad_checkpoint_under_mpirun_is_one_line_once(mnist_h5, tmp_path):
+    ck = tmp_path / "ck.h5"
+    run_train(None, "--data", mnist_h5, "--max-steps", 2, "--checkpoint", ck)
+    with h5py.File(ck, "r+") as f:
+        del f["optimizer/v"]  # resuming would silently restart Adam's second moment
+    before = digest(ck)
+    proc = run_train(2, "--data", mnist_h5, "--max-steps", 4, "--checkpoint", ck, "--resume", check=False, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [f"paranet: error: {ck}: missing dataset /optimizer/v"]
+    assert digest(ck) == before
+
+
 # -- item 5: bad /val or /test under mpirun: one line, once, exit 2 ----------------------------
 
 
