@@ -88,7 +88,8 @@ class Trainer:
             (rank 0's clock decides; the request travels in the next step's gradient sum).
         keep: keep the last ``keep`` checkpoints (``checkpoint``, ``checkpoint.1``, ...).
         stall_timeout: seconds ranks may wait for each other in a gradient sum or barrier
-            before the job is aborted naming the ranks that did not arrive (None or 0: forever).
+            before the job is aborted naming the ranks that did not arrive (exit status 3);
+            None or 0: wait forever.
 
     A run holds a lock on its checkpoint (``paranet.checkpoint.RunLock``): a second run on the
     same checkpoint is refused. Every output is checked to be writable before training starts.
@@ -99,7 +100,7 @@ class Trainer:
                  metrics=None, save_params=None, timeline=None, timeline_steps=200, check_replicas=0,
                  callbacks=(), progress=None, verbose=True, prefetch=False, flags=None, plot=None,
                  reproducible=False, val_data=None, test_data=None, checkpoint_every=None,
-                 checkpoint_minutes=None, keep=1, stall_timeout=None):
+                 checkpoint_minutes=None, keep=1, stall_timeout=600.0):
         from .distributed import DistributedOptimizer, default_world
 
         self.world = world if world is not None else default_world()
