@@ -113,6 +113,11 @@ def build_parser():
     p.add_argument("--csv", type=Path, default=None, metavar="LOG.csv", help="append one row of metrics per epoch")
     p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
                    help="write TensorBoard event files (needs tensorboardX: pip install 'paranet[tensorboard]')")
+    p.add_argument("--data-in-memory", choices=["auto", "on", "off"], default="auto",
+                   help="hold the dataset in memory shared by the ranks of each machine, normalised in the "
+                        "training dtype, so that a step's read is a view (one copy per machine); auto when it "
+                        "takes at most a quarter of the available memory; off reads one hyperslab a rank "
+                        "each step (for files larger than memory)")
     p.add_argument("--reproducible", action="store_true",
                    help="the same bits at any number of ranks (see the README's 'Reproducibility')")
     return p
@@ -293,7 +298,7 @@ def run(args, world):
         checkpoint=args.checkpoint, resume=args.resume, metrics=args.metrics, save_params=args.save_params,
         timeline=args.timeline, timeline_steps=args.timeline_steps, check_replicas=args.check_replicas,
         callbacks=build_callbacks(args), prefetch=args.prefetch, flags=flags_of(args), plot=args.plot,
-        reproducible=args.reproducible, keep=args.keep, stall_timeout=args.stall_timeout,
+        reproducible=args.reproducible, data_in_memory=args.data_in_memory, keep=args.keep, stall_timeout=args.stall_timeout,
         checkpoint_every=args.checkpoint_every[1] if args.checkpoint_every and args.checkpoint_every[0] == "steps" else None,
         checkpoint_minutes=args.checkpoint_every[1] if args.checkpoint_every and args.checkpoint_every[0] == "minutes" else None,
     )

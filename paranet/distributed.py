@@ -43,6 +43,7 @@ class World:
         if allreduce not in ALLREDUCE_CHOICES:
             raise ValueError(f"allreduce: expected one of {', '.join(ALLREDUCE_CHOICES)}, got {allreduce!r}")
         self._shm = None
+        self._windows = []  # shared_array's windows
         self.allreduce_method = "mpi"
         self.nodes = 1
         self.blas = None  # the ThreadDecision init() made for this rank (paranet.threads)
@@ -158,12 +159,54 @@ class World:
             return f"gradients summed in shared memory ({where})"
         return "gradients summed by MPI_Allreduce"
 
+    def shared_array(self, shape, dtype, fill):
+        """An array that the ranks of this machine share (one copy per machine, in an MPI-3
+        shared window): one rank of the machine calls ``fill(array)``, then every rank of the
+        machine gets it, read-only, once it is full. Collective over the world's ranks. The
+        window lives until ``close()``. Without MPI or alone it is a plain array."""
+        shape, dtype = tuple(int(d) for d in shape), np.dtype(dtype)
+        if self.node_comm is None:
+            arr = np.empty(shape, dtype)
+            fill(arr)
+            arr.flags.writeable = False
+            return arr
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        win = MPI.Win.Allocate_shared(nbytes if self.local_rank == 0 else 0, dtype.itemsize, comm=self.node_comm)
+        self._windows.append(win)
+        memory, _ = win.Shared_query(0)
+        arr = np.frombuffer(memory, dtype, count=nbytes // dtype.itemsize).reshape(shape)
+        error = None
+        if self.local_rank == 0:
+            try:
+                fill(arr)
+            except Exception as e:  # every rank of the machine must hear of it, not wait for it
+                error = e
+        win.Fence()  # the filler's stores are visible to the machine's ranks after this
+        failed = self.node_comm.bcast(None if error is None else f"{type(error).__name__}: {error}", root=0)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"rank {self.rank}: the machine's shared copy could not be filled: {failed}")
+        arr.flags.writeable = False
+        return arr
+
+    def shared_memory_free(self):
+        """Bytes free where MPI's shared windows live (/dev/shm), or None where unknown."""
+        try:
+            st = os.statvfs("/dev/shm")
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
     def close(self):
-        """Free the shared buffer and the machine's communicator (collective); safe to call
-        more than once."""
+        """Free the shared buffer, the shared arrays and the machine's communicator
+        (collective); safe to call more than once."""
         if self._shm is not None:
             self._shm.close()
             self._shm = None
+        for win in self._windows:
+            win.Free()
+        self._windows = []
         if self.node_comm is not None:
             self.node_comm.Free()
             self.node_comm = None

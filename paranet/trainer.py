@@ -100,7 +100,8 @@ class Trainer:
                  metrics=None, save_params=None, timeline=None, timeline_steps=200, check_replicas=0,
                  callbacks=(), progress=None, verbose=True, prefetch=False, flags=None, plot=None,
                  reproducible=False, val_data=None, test_data=None, checkpoint_every=None,
-                 checkpoint_minutes=None, keep=1, stall_timeout=600.0):
+                 checkpoint_minutes=None, keep=1, stall_timeout=600.0, data_in_memory="auto",
+                 memory_budget=None):
         from .distributed import DistributedOptimizer, default_world
 
         self.world = world if world is not None else default_world()
@@ -109,6 +110,10 @@ class Trainer:
         self.data, self.val_data, self.test_data = data, val_data, test_data
         self.batch_size, self.epochs, self.seed = int(batch_size), int(epochs), int(seed)
         self.eval_batch_size, self.max_steps = int(eval_batch_size), max_steps
+        if data_in_memory not in ("auto", "on", "off"):
+            raise ValueError(f"data_in_memory: expected auto, on or off, got {data_in_memory!r}")
+        self.data_in_memory, self.memory_budget = data_in_memory, memory_budget
+        self.staged_bytes = 0  # the data held in memory on each machine (0: read from HDF5 each step)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.resume_requested = bool(resume)
         self.metrics_path = None if metrics is None else Path(metrics)
@@ -185,9 +190,35 @@ class Trainer:
         self.test_reader = (BatchReader(path, "test", batch_size=eval_bs, shuffle=False, prefetch=False, **common)
                             if self._has_split(path, "test") else None)
         self._micro_shard_readers()
+        self._stage_data()
         # uint8 images scaled by finite constants are finite by construction: skip the per-feed
         # NaN/inf pass (a diverging loss is caught after the gradient sum)
         self.session.check_finite = np.dtype(getattr(self.train_reader, "feature_dtype", np.uint8)) != np.uint8
+
+    def _stage_data(self):
+        """``data_in_memory``: hold every split in memory shared by the ranks of each machine,
+        normalised in the training dtype, so that a step's read is a view. "auto" does it when
+        the copy fits the budget on every machine: ``memory_budget`` bytes, by default a quarter
+        of the memory available and at most 80% of the free shared memory (/dev/shm)."""
+        w = self.world
+        readers = [r for r in (self.train_reader, self.val_reader, self.test_reader) if r is not None]
+        if self.data_in_memory == "off" or not all(hasattr(r, "stage") for r in readers):
+            return
+        need = sum(r.staged_bytes() for r in readers)
+        budget = self.memory_budget if self.memory_budget is not None else _memory_available() // 4
+        if self.data_in_memory == "on":
+            budget = float("inf")
+        shm = w.shared_memory_free() if w.distributed else None
+        fits = need <= budget and (shm is None or need <= 0.8 * shm)
+        fits_everywhere = w.allreduce(int(fits)) == w.size  # every machine agrees, or none stages
+        if not fits_everywhere:
+            if self.data_in_memory == "on":
+                raise Stop(f"paranet: error: --data-in-memory on: the data takes {need / 1e6:,.0f} MB, more than "
+                           f"the shared memory free on some machine (/dev/shm); use auto or off", 2)
+            return
+        for r in readers:
+            r.stage(w.shared_array)
+        self.staged_bytes = need
 
     def _micro_shard_readers(self):
         """reproducible: every reader hands this rank whole micro-shards (paranet.reproducible)."""
@@ -211,7 +242,7 @@ class Trainer:
 
         try:
             with h5py.File(path, "r") as f:
-                return split in f and len(f[split].get("labels", ())) > 0
+                return split in f  # present but empty: the reader names it
         except (OSError, ValueError):
             return True  # let the reader name what is wrong
 
@@ -292,6 +323,7 @@ class Trainer:
         every rank learns whether it worked. A failed write is one line, the old file intact."""
         if self.checkpoint is None:
             return
+        self.verify_data()
         error = None
         if self.world.rank == 0:
             identity = getattr(self.train_reader, "identity", None)
@@ -308,6 +340,22 @@ class Trainer:
         error = self.world.bcast_object(error)  # also the barrier: nobody runs ahead of the write
         if error:
             raise Stop(f"paranet: error: {error}", 1)
+
+    def verify_data(self):
+        """Stop every rank, before anything is written, when the data file was replaced,
+        truncated or rewritten since it was opened (each rank checks its own readers; the first
+        error any rank found is everybody's). Reads check it too, after every read."""
+        error = None
+        try:
+            for reader in (self.train_reader, self.val_reader, self.test_reader):
+                if reader is not None and hasattr(reader, "verify_unchanged"):
+                    reader.verify_unchanged()
+        except DataError as e:
+            error = str(e)
+        errors = self.world.gather_object(error)
+        first = self.world.bcast_object(next((e for e in errors if e), None) if self.world.rank == 0 else None)
+        if first:
+            raise Stop(f"paranet: error: {first}; stopped before writing anything from it", 2)
 
     def resume(self):
         """Load the checkpoint on every rank (it lives on shared storage); rank 0's verdict on
@@ -427,6 +475,11 @@ class Trainer:
         shape = getattr(r, "sample_shape", None)
         data = f"{self.data if not isinstance(self.data, BatchReader) else r.path} ({counts}"
         data += f"; samples {_shape(shape)}, {r.num_classes} classes)" if shape is not None else ")"
+        if self.staged_bytes:
+            where = "shared by the ranks of each machine" if w.distributed else "of this process"
+            data += f"\n         held in memory {where}: {self.staged_bytes / 1e6:,.0f} MB, normalised in {self.dtype.name}"
+        else:
+            data += "\n         read from HDF5 every step (one hyperslab a rank)"
         return (f"paranet: world size {w.size}, {w.library}; {w.describe_allreduce()}{blas}\n"
                 f"  data   {data}\n"
                 f"  model  {self.model.name}, {self.params.size:,} parameters, {self.dtype.name}\n"
@@ -653,6 +706,18 @@ def fit(model, data, optimizer, **kwargs):
 
     Returns the metrics dict (test loss and accuracy, per-epoch history, throughput)."""
     return Trainer(model, data, optimizer, **kwargs).fit()
+
+
+def _memory_available():
+    """MemAvailable of this machine in bytes (Linux), else a conservative 1 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 30
 
 
 def _shape(shape):
