@@ -131,7 +131,7 @@ def test_shard_range(n):
             assert (begin, count) == ((parts[rank][0] if len(parts[rank]) else begin), len(parts[rank]))
         # with micro-shards: contiguous, complete, whole micro-shards only, any rank may get none
         micro = rp.micro_size(n)
-        assert micro in (32, 64, 128)
+        assert micro in (64, 128)
         got = [rp.shard_range(n, rank, size, micro) for rank in range(size)]
         assert got[0][0] == 0 and sum(c for _, c in got) == n
         cuts = set()
@@ -183,9 +183,9 @@ def _train(tmp_path, tag, nprocs, *args, extra_env=None):
 
 
 CASES = [  # (model, dtype, batch, allreduce, rank counts): every case has a short last batch
-    ("mlp", "float32", 128, "shm", (1, 2, 3, 4)),  # 128, 128, 44: at P = 3, 4 some ranks get no rows
-    ("mlp", "float64", 100, "mpi", (1, 3, 4)),  # 100 rows split 32+32+32+4: not divisible by P
-    ("cnn", "float32", 64, "mpi", (1, 2, 4)),
+    ("mlp", "float32", 256, "shm", (1, 2, 3, 4)),  # 256 (4 micro-shards of 64, 3 ranks: 2+1+1), then 44
+    ("mlp", "float64", 100, "mpi", (1, 3, 4)),  # 100 rows: 64 + 36, ranks 2 and 3 get none
+    ("cnn", "float32", 128, "mpi", (1, 2, 4)),
 ]
 
 
@@ -238,12 +238,12 @@ USER_SCRIPT = textwrap.dedent('''
     sess = Session(dtype, check_finite=False)
     dopt = distributed.DistributedOptimizer(AdamOptimizer(1e-2, loss), reproducible=True)  # the one change
     data = np.random.default_rng(2)
-    X, Y = data.normal(size=(1000, 20)), data.normal(size=(1000, 3))
+    X, Y = data.normal(size=(2000, 20)), data.normal(size=(2000, 3))
     if nan_at >= 0:
         X[nan_at, 5] = np.nan
     losses = []
-    for step, n in enumerate([100, 100, 37, 5, 100, 61]):  # uneven, short and tiny global batches
-        lo = step * 100
+    for step, n in enumerate([300, 300, 137, 5, 300, 161]):  # uneven, short and tiny global batches
+        lo = step * 300
         losses.append(sess.run(dopt, {x: world.shard(X[lo:lo + n]), y: world.shard(Y[lo:lo + n])}))
     if world.rank == 0:
         print("RESULT", sess.parameters(loss).digest(), repr(losses))
@@ -268,9 +268,9 @@ def test_user_graph_through_the_library(tmp_path):
 
 
 def test_non_finite_gradient_names_the_step(tmp_path):
-    proc = _user_run(tmp_path, 2, nan_at=205, check=False)  # row 5 of step 3's batch (rows 200..236)
+    proc = _user_run(tmp_path, 2, nan_at=670, check=False)  # row 70 of step 3's batch (rows 600..736)
     assert proc.returncode != 0
-    assert "non-finite gradient at step 3: micro-shard 0 (rows 0..31 of the global batch of 37)" in proc.stderr, proc.stderr
+    assert "non-finite gradient at step 3: micro-shard 1 (rows 64..127 of the global batch of 137)" in proc.stderr, proc.stderr
 
 
 @pytest.mark.netns
@@ -284,7 +284,7 @@ def test_two_hosts_give_the_single_process_bits(tmp_path, small_h5):
 
     reason = missing_requirement()
     require(reason is None, reason)
-    train = ("--reproducible", "--data", small_h5, "--batch-size", 128, "--epochs", 1, "--eval-batch-size", 100)
+    train = ("--reproducible", "--data", small_h5, "--batch-size", 256, "--epochs", 1, "--eval-batch-size", 100)
     single = _train(tmp_path, "single", None, *train[1:])
     hosts = TwoHosts().create()
     try:
