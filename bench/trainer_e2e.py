@@ -117,6 +117,32 @@ def measure(args):
     return results
 
 
+TARGET = 1.0  # the trainer (its default --data-in-memory) >= the hand-written loop
+
+
+def targets(results):
+    """Target rows for the suite's table: the trainer with --data-in-memory on (auto's choice
+    for MNIST) against the loop, each case."""
+    rows = []
+    for row in results:
+        ratio = row["ratio_to_loop"].get("trainer/on", row["ratio_to_loop"].get("trainer/default"))
+        rows.append({"target": "13.1 trainer/hand-written loop", "ranks": row["ranks"], "batch": row["batch"],
+                     "value": ratio, "want": TARGET, "result": "PASS" if ratio is not None and ratio >= TARGET else "FAIL"})
+    return rows
+
+
+def markdown(results):
+    """The README's table of this benchmark, from its JSON."""
+    modes = [k for k in results[0]["samples_per_second"] if k != "loop"] if results else []
+    head = "| P | global batch | hand-written loop | " + " | ".join(f"{m} samples/s (ratio)" for m in modes) + " |"
+    lines = [head, "|" + "---|" * (3 + len(modes))]
+    for row in results:
+        sps = row["samples_per_second"]
+        lines.append(f"| {row['ranks']} | {row['batch']} | {sps['loop']:,.0f} | " + " | ".join(
+            f"{sps[m]:,.0f} ({row['ratio_to_loop'][m]:.2f}x)" for m in modes) + " |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.trainer_e2e", description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=None, help="MNIST HDF5 (default: the trainer's default file)")

@@ -637,6 +637,7 @@ class Trainer:
             "comm_seconds": comm, "comm_share": comm / busy_total if busy_total else 0.0, "world_size": w.size,
             "mpi_library": w.library, "steps": self.global_step, "parameters": int(self.params.size),
             "flags": self.flags, "stopped_early": bool(self.stop_training),
+            "data_in_memory_bytes": int(self.staged_bytes),
         }
         if w.rank == 0:
             try:
