@@ -29,9 +29,11 @@ data: venv
 train: venv
 	$(VENV)/bin/mpirun -n $(NP) $(PY) -m paranet.train $(ARGS)
 
-## make bench: benchmarks (ratios measured side by side), results in bench/results/
+## make bench: benchmarks (ratios measured side by side), results in bench/results/; the README's
+## tables are then rewritten from bench/results/bench.json (python -m bench.readme_tables)
 bench: venv
 	$(PY) -m bench $(ARGS)
+	$(PY) -m bench.readme_tables
 
 ## make accuracy: train both models with their defaults and check the README's accuracies
 accuracy: venv

@@ -95,3 +95,17 @@ def test_bind_to_reaches_mpiexec_and_pins_ranks():
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert sorted(re.findall(r"<cpus \d+>", proc.stdout)) == ["<cpus 1>", "<cpus 1>"], proc.stdout  # ranks' lines may interleave
+
+
+def test_readme_tables_are_rewritten_from_the_json_between_their_markers():
+    from bench import readme_tables
+
+    results = {"trainer_e2e": [{"ranks": 2, "batch": 128, "samples_per_second": {"loop": 1000.0, "trainer/on": 1500.0},
+                                "ratio_to_loop": {"trainer/on": 1.5}}],
+               "cnn": {"skipped": "--quick"}}
+    readme = ("intro\n<!-- bench:trainer_e2e -->\n| old | table |\n<!-- /bench:trainer_e2e -->\n"
+              "<!-- bench:cnn -->\nkept\n<!-- /bench:cnn -->\nend\n")
+    new, done = readme_tables.render(readme, results)
+    assert "| 2 | 128 | 1,000 | 1,500 (1.50x) |" in new and "| old | table |" not in new
+    assert "kept" in new and new.startswith("intro\n") and new.endswith("end\n")
+    assert done == {"trainer_e2e": "rewritten", "cnn": "kept (no results in the JSON)"}
