@@ -5,6 +5,29 @@ from .layout import batch_last, layout_grad_buffer, nchw_buffer
 from .ops import Elementwise
 
 
+def relu_into(node, x, out):
+    """out = max(x, 0) with x and out alike in memory; returns out.
+
+    numpy's maximum runs its SIMD loop only when no operand is a broadcast scalar, so the 0 is a
+    zero row as long as the storage's rows, broadcast down them (measured, 1.2M float32: 100 us
+    against 351 us for ``np.maximum(x, 0)``)."""
+    xs, ys = _storage(x), _storage(out)
+    if xs is None or ys is None or xs.shape != ys.shape or xs.ndim == 0 or xs.size == 0:
+        return np.maximum(x, 0, out=out)
+    rows = xs.reshape(xs.shape[0], -1)
+    zeros = node.buffer("relu-zeros", rows.shape[1:], x.dtype)
+    zeros.fill(0)
+    np.maximum(rows, zeros, out=ys.reshape(rows.shape))
+    return out
+
+
+def _storage(a):
+    """The C-contiguous array under ``a``: itself, or the (C, H, W, N) view of a batch-last array."""
+    if a.flags.c_contiguous:
+        return a
+    return batch_last(a) if a.ndim == 4 else None
+
+
 class Relu(Elementwise):
     """max(x, 0); a 4-D input stored batch-last (paranet.layout) gives an output stored alike."""
 
@@ -13,7 +36,7 @@ class Relu(Elementwise):
 
     def forward(self, x):
         y = nchw_buffer(self, "out", x.shape, x.dtype, batch_last(x) is not None) if x.ndim == 4 else self.out(x)
-        return np.maximum(x, 0, out=y)
+        return relu_into(self, x, y)
 
     def backward(self, g, out):
         # d relu(x) = [x > 0] dx; a boolean mask (from relu(x) > 0) is the cheapest to build

@@ -2,7 +2,7 @@
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..activations import relu
+from ..activations import relu, relu_into
 from ..graph import GraphError, Node, _fmt_shape
 from ..layout import batch_last, consumers_take_batch_last, layout_grad_buffer, nchw_buffer
 
@@ -129,7 +129,7 @@ class Conv2DOp(Node):
             kb[:, ckk] = b
             np.matmul(kb, col, out=y2)  # y = [K2 | b] @ col
         if self.relu:
-            np.maximum(yt, 0, out=yt)
+            relu_into(self, y2, y2)
         if consumers_take_batch_last(self):
             return yt.transpose(3, 0, 1, 2)
         y = self.buffer("out", (N, O, Ho, Wo), x.dtype)  # a consumer that wants C order (a Dense layer)
