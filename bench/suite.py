@@ -464,7 +464,8 @@ def main(argv=None):
     results["cnn"] = {"skipped": "--quick"} if args.quick else cnn_bench.main(
         ["--out", str(args.out), "--python", args.python] + ["--no-torch"] * args.no_torch)
     from bench import reproducible as repro_bench  # --reproducible: cost side by side, accuracy (issue 12)
-    results["reproducible"] = repro_bench.main(["--quick"] * args.quick + ["--procs", *map(str, args.procs)])
+    results["reproducible"] = repro_bench.main(["--quick"] * args.quick + ["--procs", *map(str, args.procs),
+                                                                            "--batches", *map(str, args.batches)])
     from bench import watchdog as watchdog_bench  # --stall-timeout's cost a step, side by side (issue 11)
     results["watchdog"] = watchdog_bench.main(["--blocks", "6" if args.quick else "20"])
     if args.data_bench:
