@@ -260,8 +260,11 @@ class MaxPoolOp(Node):
         y = nchw_buffer(self, "out", (N, C, Ho, Wo), x.dtype, bl and consumers_take_batch_last(self))
         ya = self._work_order(y, bl)
         m = ya if ya.flags.c_contiguous else self.buffer("max", ya.shape, x.dtype)  # a contiguous max, then one copy
-        np.copyto(m, taps[0])
-        for t in taps[1:]:
+        if len(taps) == 1:
+            np.copyto(m, taps[0])
+        else:
+            np.maximum(taps[0], taps[1], out=m)
+        for t in taps[2:]:
             np.maximum(m, t, out=m)
         if m is not ya:
             np.copyto(ya, m)
