@@ -47,7 +47,7 @@ class World:
         self.allreduce_method = "mpi"
         self.nodes = 1
         self.blas = None  # the ThreadDecision init() made for this rank (paranet.threads)
-        self.watchdog = None  # a paranet.watchdog.Watchdog timing the waits in sum_over_ranks and barrier
+        self.watchdog = None  # a paranet.watchdog.Watchdog timing the waits in the collectives below
         if MPI is None:
             if not _warned_no_mpi:
                 warnings.warn("mpi4py is not installed: running single-process", stacklevel=2)
@@ -218,10 +218,24 @@ class World:
         return buf
 
     def bcast_object(self, obj, root=0):
-        return self.comm.bcast(obj, root=root) if self.distributed else obj
+        if not self.distributed:
+            return obj
+        if self.watchdog is None:
+            return self.comm.bcast(obj, root=root)
+        self.watchdog.enter("broadcast")
+        obj = self.comm.bcast(obj, root=root)
+        self.watchdog.leave()
+        return obj
 
     def gather_object(self, obj, root=0):
-        return self.comm.gather(obj, root=root) if self.distributed else [obj]
+        if not self.distributed:
+            return [obj]
+        if self.watchdog is None:
+            return self.comm.gather(obj, root=root)
+        self.watchdog.enter("gather")
+        objs = self.comm.gather(obj, root=root)
+        self.watchdog.leave()
+        return objs
 
     def barrier(self):
         if self.distributed:

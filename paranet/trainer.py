@@ -268,7 +268,7 @@ class Trainer:
             loss_sum = float(m.loss.value) * batch.n_local
         else:  # a short last batch left this rank without samples: it joins with weight zero
             loss_sum, correct = 0.0, 0
-        if self.fault and self.fault.get("step") == self.global_step:
+        if self.fault and self.fault["at"] == "step" and self.fault["step"] == self.global_step:
             _inject(self.fault, params)
         stop = self._stop_slot()  # summed over the ranks with the gradients
         return self.optimizer.reduce_and_apply(params, batch.n_local, loss_sum, correct, stop, total=batch.n_global)
@@ -279,7 +279,7 @@ class Trainer:
         from .reproducible import ExactSumError
 
         m, y = self.model, batch.y
-        if self.fault and self.fault.get("step") == self.global_step:
+        if self.fault and self.fault["at"] == "step" and self.fault["step"] == self.global_step:
             _inject(self.fault, self.params)
         stop = self._stop_slot()  # as step() sends it
         try:
@@ -323,6 +323,9 @@ class Trainer:
         every rank learns whether it worked. A failed write is one line, the old file intact."""
         if self.checkpoint is None:
             return
+        self._watchdog_context(f"checkpoint after step {self.global_step}")
+        if self.fault and self.fault["at"] == "checkpoint" and self.fault["step"] == self.global_step:
+            _inject(self.fault, self.params)
         self.verify_data()
         error = None
         if self.world.rank == 0:
@@ -765,13 +768,14 @@ def plot_curves(path, history):
 
 
 def _parse_fault(spec, rank):
-    """Test hook: PARANET_FAULT='rank=R,step=S,kind=raise|perturb|sigterm' breaks rank R at step S."""
+    """Test hook: PARANET_FAULT='rank=R,step=S,kind=raise|perturb|sigterm|sigstop[,at=step|checkpoint]'
+    breaks rank R in step S (0-based), or as it starts the checkpoint after S steps (S = -1: at start-up)."""
     if not spec:
         return None
     fault = dict(part.split("=", 1) for part in spec.split(","))
     if int(fault.get("rank", 0)) != rank:
         return None
-    return {"step": int(fault.get("step", 0)), "kind": fault.get("kind", "raise")}
+    return {"step": int(fault.get("step", 0)), "kind": fault.get("kind", "raise"), "at": fault.get("at", "step")}
 
 
 def _inject(fault, params):

@@ -380,3 +380,24 @@ def test_a_rank_in_sigstop_is_named_and_the_job_aborts(mnist_h5, tmp_path):
     assert stalled == ["paranet: stalled: rank 1 did not arrive at the sum over the ranks of step 11 within 2 s "
                        "(--stall-timeout); aborting the job"], err
     assert seconds < 30 and "Traceback" not in err
+
+
+@pytest.mark.mpi
+def test_a_rank_stopped_at_a_checkpoint_is_named_too(mnist_h5, tmp_path):
+    """Rank 1 stops as the checkpoint after step 10 begins: rank 0 waits for it in the gather
+    that checks the data before every write, and names it."""
+    cmd = train_cmd(2, "--data", mnist_h5, "--batch-size", 64, "--max-steps", 40, "--checkpoint", tmp_path / "ck.h5",
+                    "--checkpoint-every", 10, "--stall-timeout", 2)
+    job = subprocess.Popen(cmd, cwd=REPO, env=env(PARANET_FAULT="rank=1,step=10,kind=sigstop,at=checkpoint"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 3, out + err
+    assert [line for line in err.splitlines() if line.startswith("paranet: stalled")] == [
+        "paranet: stalled: rank 1 did not arrive at the gather (checkpoint after step 10) within 2 s "
+        "(--stall-timeout); aborting the job"], err
+    assert not (tmp_path / "ck.h5").exists()  # nothing was written while a rank was missing
