@@ -23,6 +23,7 @@ Targets (PASS/FAIL in the table):
   6. per-rank peak RSS <= 150 MB with the MLP trainer at P=4.
 Also: samples/s vs P (strong scaling at batch 1024, weak at 128 a rank), time to accuracy of
 ``mpiexec -n 2 python -m paranet.train`` (--time-to-accuracy), and bench/bench_data.py (--data-bench).
+The CNN step against PyTorch and its GEMM limit: bench/cnn.py (bench/results/cnn.json; not with --quick).
 """
 import argparse
 import json
