@@ -130,6 +130,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="training steps a run (default 300)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each case, alternated (default 3)")
     p.add_argument("--before", metavar="COMMIT", help="also run paranet as it was at COMMIT")
+    p.add_argument("--paranet", type=Path, default=REPO, metavar="DIR",
+                   help="run the paranet package in DIR/paranet instead of this checkout's (e.g. a patched copy)")
     p.add_argument("--parts", nargs="+", choices=["bound", "two-hosts"], default=["bound", "two-hosts"],
                    help="which comparisons to run (default both)")
     p.add_argument("--python", default=sys.executable, help="interpreter of the runs, mpiexec beside it")
@@ -143,14 +145,14 @@ def main(argv=None):
     results = {"steps": args.steps, "repeats": args.repeats, "cpus_allowed": len(os.sched_getaffinity(0)),
                "load_average_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="paranet-bench-threads-") as tmp:
-        codes = {"": REPO}
+        codes, old = {"": args.paranet}, None
         if args.before:
             old = Path(tmp) / "before"
             old.mkdir()
             archive = subprocess.run(["git", "archive", args.before, "paranet", "datasets/mnist"], cwd=REPO, capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-            codes = {f"before ({args.before}) ": old, "now: ": REPO}
-        datas = {tag: data if code == REPO else old_dataset(args, code, tmp) for tag, code in codes.items()}
+            codes = {f"before ({args.before}) ": old, "now: ": args.paranet}
+        datas = {tag: old_dataset(args, code, tmp) if code == old else data for tag, code in codes.items()}
         results["bound"] = {} if "bound" in args.parts else {"skipped": "--parts"}
         for tag, code in codes.items() if "bound" in args.parts else ():
             results["bound"][tag.strip() or "now"] = compare(bound_cases(args, code, datas[tag], tmp, cpu, tag),
