@@ -170,20 +170,40 @@ class Conv2DOp(Node):
                 out[1].reshape(O, ckk)[...] = dkb[:, :ckk]
             if out[2] is not None:
                 out[2][...] = dkb[:, ckk]
-        if out[0] is not None:
+        if out[0] is not None and self.by_rows:
+            # the gradient of colv, shifted down by each kernel row u:
+            # dcolv[:, :, u + i] += (K[:, :, u, :] as (O, C*kw)).T @ g2[:, i]; then dx[:, :, j*sw + v] += dcolv[:, v]
+            Hp = H + 2 * ph
+            dcolv = self.buffer("dcolv", (C, kw, Hp, Wo, N), g.dtype)
+            dv = dcolv.reshape(C * kw, Hp, Wo * N)
+            kr, part = self._buffers["kr"], self.buffer("dpart", (C * kw, cols), g.dtype)
+            np.matmul(kr[0].T, g2, out=dv[:, :Ho].reshape(C * kw, cols))
+            dv[:, Ho:] = 0
+            for u in range(1, kh):
+                np.matmul(kr[u].T, g2, out=part)
+                dv[:, u:u + Ho] += part.reshape(C * kw, Ho, Wo * N)
+            self._col2im([(dcolv[:, v], slice(None), v) for v in range(kw)], out[0], Hp, W + 2 * pw, N)
+        elif out[0] is not None:
             # dcol = K2.T @ g2, then col2im: dx[window of tap (u, v)] += dcol[(c, u, v)], batch-last,
             # where each tap's strided slice moves contiguous runs of the batch
             dcol = self.buffer("dcol", (ckk, cols), g.dtype)
             np.matmul(K.reshape(O, ckk).T, g2, out=dcol)
             dcol = dcol.reshape(C, kh, kw, Ho, Wo, N)
-            direct = None if ph or pw else batch_last(out[0])  # accumulate in place when dx is batch-last
-            dxt = direct if direct is not None else self.buffer("dxt", (C, H + 2 * ph, W + 2 * pw, N), g.dtype)
-            dxt.fill(0)
-            for u in range(kh):
-                for v in range(kw):
-                    dxt[:, u:u + sh * (Ho - 1) + 1:sh, v:v + sw * (Wo - 1) + 1:sw] += dcol[:, u, v]
-            if direct is None:
-                np.copyto(out[0], dxt[:, ph:ph + H, pw:pw + W].transpose(3, 0, 1, 2))
+            self._col2im([(dcol[:, u, v], slice(u, u + sh * (Ho - 1) + 1, sh), v) for u in range(kh) for v in range(kw)],
+                         out[0], H + 2 * ph, W + 2 * pw, N)
+
+    def _col2im(self, pieces, dx, Hp, Wp, N):
+        """dx = the sum of each piece (C, rows, Wo, N) added at (rows, v + j*sw) of the padded,
+        batch-last gradient, cropped to dx (N, C, H, W); in dx itself when it is batch-last."""
+        (ph, pw), sw, Wo = self.padding, self.stride[1], pieces[0][0].shape[2]
+        C, H, W = dx.shape[1:]
+        direct = None if ph or pw else batch_last(dx)  # accumulate in place when dx is batch-last
+        dxt = direct if direct is not None else self.buffer("dxt", (C, Hp, Wp, N), dx.dtype)
+        dxt.fill(0)
+        for piece, rows, v in pieces:
+            dxt[:, rows, v:v + sw * (Wo - 1) + 1:sw] += piece
+        if direct is None:
+            np.copyto(dx, dxt[:, ph:ph + H, pw:pw + W].transpose(3, 0, 1, 2))
 
 
 def Conv2D(x, K, b, activation=None, stride=1, padding=0, name=None):
