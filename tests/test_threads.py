@@ -403,3 +403,20 @@ def test_trainer_refuses_a_bad_thread_variable_in_one_line(mnist_h5, tmp_path):
     p = _train([], mnist_h5, tmp_path, OMP_NUM_THREADS="abc")
     assert p.returncode == 2
     assert p.stderr.strip().splitlines() == ["paranet: error: OMP_NUM_THREADS='abc': expected a whole number of threads >= 1"]
+
+
+@two_cpus
+@needs_taskset
+def test_bench_threads_runs_and_reports_the_ratios(tmp_path):
+    """``python -m bench.threads`` (part of make bench) with tiny runs: the JSON has both ratios of
+    the bound comparison and the header lines of the runs; the figures themselves mean nothing here."""
+    cmd = [sys.executable, "-m", "bench.threads", "--parts", "bound", "--steps", "3", "--repeats", "1", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "threads.json").read_text())
+    now = res["bound"]["now"]
+    assert set(now["ratios"]) == {"bound / unbound", "bound / bound with variables 1"}
+    headers = {label.split(", ", 1)[1]: c["header"] for label, c in now["cases"].items()}
+    assert headers["no thread variable"].endswith("; 1 BLAS thread a rank (1 CPU allowed)")
+    assert res["two_hosts"] == {"skipped": "--parts"}
+    assert "bound / unbound" in p.stdout
