@@ -420,3 +420,33 @@ def test_bench_threads_runs_and_reports_the_ratios(tmp_path):
     assert headers["no thread variable"].endswith("; 1 BLAS thread a rank (1 CPU allowed)")
     assert res["two_hosts"] == {"skipped": "--parts"}
     assert "bound / unbound" in p.stdout
+
+
+@pytest.mark.netns
+@pytest.mark.mpi
+@two_cpus
+def test_init_over_two_namespaces_shares_the_cores(tmp_path):
+    """Through paranet.distributed.init(): one rank in each of two network namespaces is one rank
+    on each of two machines to MPI, but the two share this kernel's cores, so 1 thread each on 2
+    CPUs. init() must gather over the ranks of this kernel (or the world: configure keeps those
+    of this kernel itself); gathered over MPI's machine communicator, each rank thinks it is alone
+    and takes every CPU."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from cluster import require
+    from cluster.netns import TwoHosts, missing_requirement
+
+    reason = missing_requirement()
+    require(reason is None, reason)
+    hosts = TwoHosts(addrs=("10.232.1.1", "10.232.1.2"), tag=f"i{os.getpid()}").create()
+    try:
+        hostfile = tmp_path / "hosts"
+        hostfile.write_text("".join(f"{a}:1\n" for a in hosts.addrs))
+        reports = run_reports(hosts.command(0, [MPIEXEC, "-n", 2, "-f", hostfile, sys.executable, "-c", INIT_PROBE]),
+                              hosts.env(child_env()))
+    finally:
+        hosts.delete()
+    assert [r["local_size"] for r in reports] == [1, 1]
+    share = max(1, len(ALLOWED) // 2)
+    assert [r["blas"] for r in reports] == [[share], [share]], (
+        f"{reports}: paranet.distributed.init should gather over the ranks of this kernel "
+        "(world.comm.Split by paranet.threads.machine_id(), or world.comm.allgather), not node_comm.allgather")
