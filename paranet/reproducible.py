@@ -393,9 +393,9 @@ class MicroShardSteps:
         total_k = num_micro_shards(n_global, micro)
         buf = self._buffers(params, total_k)
         nw = self.fixed.words * params.size
-        if self._stash is None or self._stash.shape[0] < len(ks) or self._stash.shape[1] != params.size \
+        if self._stash is None or self._stash.shape[0] < len(ks) - 1 or self._stash.shape[1] != params.size \
                 or self._stash.dtype != params.dtype:
-            self._stash = np.empty((max(len(ks), 1), params.size), params.dtype)
+            self._stash = np.empty((max(len(ks) - 1, 1), params.size), params.dtype)
         tail = buf[nw:]
         tail[...] = 0
         cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
@@ -408,13 +408,15 @@ class MicroShardSteps:
                 sub[ph] = feed[ph][a:a + count]
             session.forward(plan, sub)
             session.backward(plan)
-            np.copyto(self._stash[i], params.grads)
+            if i < len(ks) - 1:  # the last partial stays where backward left it
+                np.copyto(self._stash[i], params.grads)
             tail[self.TAIL + k] = _float_bits(float(loss.value) * count)
             if metric is not None:
                 correct += int(metric(slice(a, a + count)))
-        code = exponent_of([self._stash[:len(ks)]])  # one max and one min over all partials
+        partials = [self._stash[i] for i in range(len(ks) - 1)] + [params.grads] * bool(ks)
+        code = exponent_of([self._stash[:len(ks) - 1], params.grads] if ks else [])  # one max, one min each
         if code >= NONFINITE:  # which partial: look again one by one
-            code = exponent_of([self._stash[i] for i in range(len(ks))])
+            code = exponent_of(partials)
         if code >= NONFINITE:  # name the global micro-shard: the max over ranks then finds the first
             code = NONFINITE + (total_k - ks[len(ks) - (code - NONFINITE)])
         t0 = time.perf_counter()
@@ -431,8 +433,8 @@ class MicroShardSteps:
         fp.start(fraction_bits(code, n_global), n_global)
         if not ks:
             fp.zero()  # no rows here: this rank adds zeros
-        for i, k in enumerate(ks):
-            fp.add(self._stash[i], micro_shard(n_global, micro, k)[1])
+        for x, k in zip(partials, ks):
+            fp.add(x, micro_shard(n_global, micro, k)[1])
         fp.settle()
         tail[self.COUNT], tail[self.STOP], tail[self.CORRECT] = n_local, round(stop * STOP_UNIT), correct
         t0 = time.perf_counter()
