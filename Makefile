@@ -3,10 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 NP     ?= 4
-# One BLAS thread per rank: several ranks share the cores of one machine.
-export OMP_NUM_THREADS ?= 1
-export OPENBLAS_NUM_THREADS ?= 1
-export MKL_NUM_THREADS ?= 1
+# BLAS threads per rank: paranet decides them from the CPUs each rank may use (paranet/threads.py);
+# set OMP_NUM_THREADS (or --threads) to choose yourself.
 
 .PHONY: venv test train data bench accuracy clean
 venv: $(VENV)/.installed

@@ -74,8 +74,8 @@ else
     mpiexec=$(program mpiexec) || die "no mpiexec next to $python nor on PATH: pip install mpich, or set PARANET_MPIEXEC"
 fi
 
-# One BLAS thread per rank: several ranks share the cores of a machine.
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+# BLAS threads: each rank counts the CPUs it may use (paranet/threads.py); an OMP_NUM_THREADS
+# set by the user is passed on and wins.
 
 cmd=("$mpiexec" -n "$ranks")
 if [[ -n $hostfile ]]; then cmd+=(-f "$hostfile"); fi

@@ -41,7 +41,8 @@
 # one is one line and exit status 2, with nothing launched.
 set -euo pipefail
 
-export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+# BLAS threads: each rank counts the CPUs it may use (paranet/threads.py); an OMP_NUM_THREADS
+# set by the user is passed on and wins.
 
 log() { echo "paranet-pbs: $*"; }
 die() { echo "paranet-pbs: $*" >&2; exit 2; }

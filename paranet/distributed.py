@@ -14,6 +14,7 @@ import sys
 import time
 import traceback
 import warnings
+import zlib
 from time import perf_counter as _now
 from typing import NamedTuple
 
@@ -282,8 +283,16 @@ def init(allreduce="auto", threads=None, comm=None, quiet=()):
     install_abort_hook(world, quiet=quiet)
     from . import threads as _threads
 
-    gather = world.node_comm.allgather if world.node_comm is not None else None
-    world.blas = _threads.configure(gather=gather, threads=threads)
+    if world.comm is None or world.size == 1:
+        world.blas = _threads.configure(threads=threads)
+    else:
+        # The ranks that share this kernel share its CPUs, also where MPI counts them as two
+        # machines (containers, network namespaces); configure drops any hash collision.
+        kernel = world.comm.Split(zlib.crc32(_threads.machine_id().encode()) & 0x7FFFFFFF, world.rank)
+        try:
+            world.blas = _threads.configure(gather=kernel.allgather, threads=threads)
+        finally:
+            kernel.Free()
     _default = world
     return world
 
@@ -457,6 +466,10 @@ class DistributedOptimizer:
             from .reproducible import one_blas_thread
 
             one_blas_thread()  # a GEMM's bits change with the BLAS thread count
+            from .threads import ThreadDecision
+
+            self.world.blas = ThreadDecision(1, "--reproducible: a GEMM's bits change with the thread count",
+                                             "reproducible")
             self.world.shard_micro = "auto"  # World.shard cuts whole micro-shards
 
     @property
