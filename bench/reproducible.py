@@ -249,7 +249,7 @@ def throughput(args):
             for ranks in args.procs:
                 cmd = [*mpiexec_for(sys.executable), "-n", str(ranks), sys.executable, "-m", "bench.reproducible",
                        "--worker", "--model", model, "--batch", str(batch), "--repeats", str(args.repeats),
-                       "--samples", str(args.samples if model == "mlp" else args.samples // 8)]
+                       "--samples", str(args.samples if model == "mlp" else args.samples // 8), "--dtype", args.dtype]
                 p = subprocess.run(cmd, cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=900)
                 line = next((ln for ln in p.stdout.splitlines() if ln.startswith(JSON_TAG)), None)
                 if p.returncode or line is None:
@@ -279,11 +279,11 @@ def worker(args):
     for name, repro in (("plain", False), ("reproducible", True)):
         world = distributed.World(comm=MPI.COMM_WORLD.Dup(), allreduce="auto")
         model = MODELS[args.model](rng=np.random.default_rng(0))
-        sess = Session(np.float32, check_finite=False)
+        sess = Session(args.dtype, check_finite=False)
         dopt = distributed.DistributedOptimizer(GradientDescentOptimizer(0.01, model.loss), world=world, reproducible=repro)
         dopt.broadcast_state(sess.parameters(model.loss))
         reader = BatchReader(default_data_path(), "train", rank=world.rank, size=world.size, batch_size=args.batch,
-                             prefetch=False)
+                             prefetch=False, dtype=args.dtype)
         if repro:
             rp.use_micro_shards(reader)
         it = iter(reader.epoch(0))
@@ -321,7 +321,7 @@ def worker(args):
     world = contenders["plain"][0]
     if world.rank == 0:
         plain, repro = statistics.median(rates["plain"]), statistics.median(rates["reproducible"])
-        print(JSON_TAG + json.dumps({"model": args.model, "ranks": world.size, "batch": args.batch, "plain": plain,
+        print(JSON_TAG + json.dumps({"model": args.model, "dtype": args.dtype, "ranks": world.size, "batch": args.batch, "plain": plain,
                                      "reproducible": repro, "ratio": repro / plain,
                                      "micro": rp.micro_size(args.batch)}), flush=True)
     for world, *_ in contenders.values():
@@ -339,6 +339,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["mlp", "cnn"])
     p.add_argument("--repeats", type=int, default=5, help="timed segments per contender")
     p.add_argument("--samples", type=int, default=8192, help="samples per timed segment (MLP; CNN an eighth)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="the training dtype (--throughput)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and samples")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="mlp", help=argparse.SUPPRESS)
@@ -372,7 +373,7 @@ def main(argv=None):
         print(f"\nexact sum's cost, {c['parameters']:,} float32 parameters: {c['per_micro_shard_us']:.0f} µs per "
               f"micro-shard (copy, exponent, to int64, add), {c['back_to_float_us']:.0f} µs per step back to float32")
     if "throughput" in parts:
-        print("\nthroughput, samples/s, median of segments alternating in one run (SGD, float32):")
+        print(f"\nthroughput, samples/s, median of segments alternating in one run (SGD, {args.dtype}):")
         result["throughput"] = throughput(args)
     print(JSON_TAG + json.dumps(result))
     return result

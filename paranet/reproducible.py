@@ -30,7 +30,7 @@ MICRO_MIN, MICRO_MAX = 64, 128  # micro-shard rows: see micro_size
 ZERO = -(1 << 40)
 NONFINITE = 1 << 50
 HEADROOM = 51  # a sum of partials stays below 2**51 in magnitude: each rounds exactly by MAGIC, int64 never overflows
-LO_HEADROOM = 62  # the second word (float64): its sum stays below 2**62
+LO_BITS = 51  # the second word (float64) holds the remainder times 2**51: |each| <= 2**50
 MAGIC = 1.5 * 2.0 ** 52  # y + MAGIC is rint(y) in the low bits of a float64, for |y| < 2**51
 MAGIC_BITS = int(np.array(MAGIC).view(np.int64))
 STOP_UNIT = 1024  # the stop slot holds stop * STOP_UNIT as an integer (the trainer sends fractions)
@@ -132,10 +132,10 @@ class FixedPoint:
     only errors are that rounding, at most 2**-(bits + 1) per add, and the one rounding of
     ``to_float``. Call ``settle()`` after the last ``add`` (it removes the MAGIC bias).
 
-    With ``words=2`` (float64 training) each element also keeps the truncated remainder on a
-    grid 2**(62 - bits(total weight)) times finer, in a second int64 word (truncated): about
-    2**-103 of the largest partial instead of 2**-43, so that the sum is no less accurate than
-    float64 additions also for the many elements far below the largest.
+    With ``words=2`` (float64 training) each element also keeps the remainder y - rint(y) on a
+    grid 2**51 times finer, in a second int64 word: about 2**-100 of the largest partial
+    instead of 2**-50, so that the sum is no less accurate than float64 additions also for the
+    many elements far below the largest.
 
     Args:
         n: elements per array.
@@ -152,16 +152,17 @@ class FixedPoint:
         if self.acc.dtype != np.int64 or self.acc.shape != (words * self.n,):
             raise ValueError(f"FixedPoint: expected an int64 accumulator of shape ({words * self.n},), "
                              f"got {self.acc.dtype} {self.acc.shape}")
-        self._tmp = np.empty(words * self.n, np.int64)
         self._f64 = np.empty(self.n, np.float64)
+        self._f64b = np.empty(self.n, np.float64) if words == 2 else None
         self._bias = 0  # adds whose MAGIC bias is still in acc (see settle)
-        self.bits = self.lo_bits = 0
+        self.bits = 0
+        self.lo_bits = LO_BITS
         self.fresh = True  # the next add overwrites acc instead of adding to it
 
     def start(self, bits, total_weight=1):
-        """Begin a new sum on the grid 2**-bits (the second word's grid from ``total_weight``)."""
+        """Begin a new sum on the grid 2**-bits (``total_weight``: kept for the callers' symmetry
+        with fraction_bits; the second word's grid is 2**-(bits + LO_BITS))."""
         self.bits = int(bits)
-        self.lo_bits = LO_HEADROOM - max(1, int(total_weight)).bit_length()
         self.fresh = True
         self._bias = 0
 
@@ -169,24 +170,31 @@ class FixedPoint:
         """acc += rint(weight * x * 2**bits), element-wise; x is float32 or float64."""
         x = np.asarray(x).reshape(-1)
         scale = float(weight) * 2.0 ** self.bits  # exact: weight < 2**53, power-of-two factor
-        if self.words == 2:
-            out = self.acc if self.fresh else self._tmp
-            self._add_two_words(x, scale, out)
-            if not self.fresh:
-                np.add(self.acc, self._tmp, out=self.acc)
-            self.fresh = False
-            return
-        y = self._f64
+        n, y = self.n, self._f64
         np.copyto(y, x)  # float32 -> float64: exact (and fast)
         y *= scale  # exact for float32 x: 24 + 8 significant bits at most
-        y += MAGIC  # y = MAGIC + rint(y): |y| < 2**51
-        q = y.view(np.int64)  # MAGIC_BITS + rint(y)
-        if self.fresh:
-            np.subtract(q, MAGIC_BITS, out=self.acc)
-        else:
-            np.add(self.acc, q, out=self.acc)  # may wrap past 2**63: settle() brings it back, mod 2**64
-            self._bias += 1
+        if self.words == 1:
+            y += MAGIC  # y = MAGIC + rint(y): |y| < 2**51
+            self._deposit(y, self.acc)
+        else:  # the second word: the remainder y - rint(y), exact, times 2**LO_BITS, rounded the same way
+            t = self._f64b
+            np.add(y, MAGIC, out=t)
+            self._deposit(t, self.acc[:n])
+            t -= MAGIC  # rint(y), exactly
+            y -= t  # |remainder| <= 1/2, exact
+            y *= 2.0 ** LO_BITS
+            y += MAGIC
+            self._deposit(y, self.acc[n:])
+        self._bias += not self.fresh
         self.fresh = False
+
+    def _deposit(self, magic_plus_q, acc):
+        """acc = q (first add) or acc += MAGIC_BITS + q (later adds: settle() removes the bias)."""
+        q = magic_plus_q.view(np.int64)  # MAGIC_BITS + rint(y)
+        if self.fresh:
+            np.subtract(q, MAGIC_BITS, out=acc)
+        else:
+            np.add(acc, q, out=acc)  # may wrap past 2**63: settle() brings it back, mod 2**64
 
     def settle(self):
         """Remove the MAGIC bias the adds left in ``acc`` (one pass; integer arithmetic modulo
@@ -195,16 +203,6 @@ class FixedPoint:
             bias = (self._bias * MAGIC_BITS) % (1 << 64)
             np.subtract(self.acc, np.int64(bias - (1 << 64) if bias >= 1 << 63 else bias), out=self.acc)
             self._bias = 0
-
-    def _add_two_words(self, x, scale, out):
-        """out = (hi, lo): hi = trunc(y), lo = trunc((y - hi) * 2**lo_bits), y = x * scale in float64."""
-        n, y = self.n, self._f64
-        hi, lo = out[:n], out[n:]
-        np.multiply(x, scale, out=y, dtype=np.float64)
-        np.copyto(hi, y, casting="unsafe")  # truncation toward zero
-        np.subtract(y, hi, out=y)  # the remainder, exact: |y - trunc(y)| < 1
-        y *= 2.0 ** self.lo_bits
-        np.copyto(lo, y, casting="unsafe")
 
     def zero(self):
         """Make the sum zero (a rank without partials still joins the sum over ranks)."""

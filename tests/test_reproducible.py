@@ -63,9 +63,9 @@ def test_exact_sum_same_bits_in_every_order_and_grouping(dtype):
         out = fp.to_float(total, np.empty(vs[0].size, dtype))
         assert out.tobytes() == reference.tobytes(), f"grouping {bounds} changed the bits"
     # and it is math.fsum's sum within the error bound of the fixed-point grid: half a grid step
-    # (2**-bits; two words: 2**-(bits + lo_bits), truncated) per partial, plus one rounding to the dtype
+    # (2**-bits; two words: 2**-(bits + LO_BITS)) per partial, plus one rounding to the dtype
     exact = _fsum_reference(vs, ws)
-    grid = 2.0 ** -(bits + (62 - sum(ws).bit_length() if words == 2 else 0))
+    grid = 2.0 ** -(bits + (rp.LO_BITS if words == 2 else 0))
     bound = np.spacing(np.abs(exact).astype(dtype)).astype(np.float64) + len(vs) * grid
     assert np.all(np.abs(reference.astype(np.float64) - exact) <= bound), "outside the error bound of the grid"
     # a huge value, a small one and the huge one negated: exactly the small one, in any order
@@ -98,11 +98,11 @@ def test_limits_of_the_representation():
     # a sum of float32 values past float32's range is an error, not an infinity
     with pytest.raises(rp.ExactSumError, match="cannot be held"):
         rp.exact_sum([top, top, top])
-    # the documented limits of the grid: an element more than 2**(51 + 60 - log2 rows) below the
+    # the documented limits of the grid: an element more than 2**(51 + 51 - log2 rows) below the
     # largest |partial| counts as zero (float64, two words; float32: 2**(51 - log2 rows)), and
     # so do partials below 2**-MAX_BITS
     bits = rp.fraction_bits(1, 2)  # the largest is 1.0 (exponent 1), 2 rows
-    grid64, grid32 = 2.0 ** -(bits + 62 - 2), 2.0 ** -bits
+    grid64, grid32 = 2.0 ** -(bits + rp.LO_BITS), 2.0 ** -bits
     got = rp.exact_sum([np.array([1e-30, 1.0]), np.array([0.0, 1.0])])
     assert got[1] == 2.0 and 0 < abs(got[0] - 1e-30) <= grid64
     got = rp.exact_sum([np.array([1e-40, 1.0]), np.array([0.0, 1.0])])
@@ -112,7 +112,7 @@ def test_limits_of_the_representation():
     got = rp.exact_sum([np.array([1e-19, 1.0], np.float32), np.array([0.0, 1.0], np.float32)])
     assert got.tolist() == [0.0, 2.0]
     got = rp.exact_sum([np.array([1e-300]), np.array([1e-300])])[0]  # the grid is 2**-(MAX_BITS + 60) there
-    assert 0 < abs(got - 2e-300) <= 2 * 2.0 ** -(rp.MAX_BITS + 60)
+    assert 0 < abs(got - 2e-300) <= 2 * 2.0 ** -(rp.MAX_BITS + rp.LO_BITS)
     assert rp.exact_sum([np.array([1e-300]) * 1e-20] * 2)[0] == 0.0
     # all zeros: zeros (no exponent at all)
     assert not np.any(rp.exact_sum([np.zeros(5, np.float32)] * 3))
