@@ -523,6 +523,9 @@ class DistributedOptimizer:
                 SIGTERM), summed over the ranks like the rest.
             total: the global batch's sample count N, when the caller knows it (the reader does).
         """
+        if self.reproducible:  # a float sum here would undo it: the step goes micro-shard by micro-shard
+            raise RuntimeError("DistributedOptimizer(reproducible=True): run steps with Session.run(optimizer, feed) "
+                               "or reproducible_step(), not reduce_and_apply()")
         if params is not self._params:  # first step: the gradients move to the buffer the world reduces
             params.use_grad_storage(self.world.shared_buffer(params.grad_storage))
             self._params, self._views = params, {}
