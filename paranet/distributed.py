@@ -586,13 +586,13 @@ class DistributedOptimizer:
         and the wrapped optimizer's update with the mean; returns the step's StepSums."""
         micro = self.micro_steps()
         comm0 = micro.comm_seconds
-        mean, count, loss_sum, correct, stop_total = micro.step(
+        grad_sum, count, loss_sum, correct, stop_total = micro.step(
             session, plan, feed, total, step=self.optimizer.steps + 1, metric=metric, stop=stop)
         self.comm_seconds += micro.comm_seconds - comm0
         t1 = _now()
-        self.grad_scale = 1.0 / count  # mean holds the sum over the batch's rows
-        self.last_sum = mean
-        self.optimizer.apply_gradients(plan.params, self.grad_scale, grads=mean)
+        self.grad_scale = 1.0 / count  # grad_sum is summed over the batch's rows
+        self.last_sum = grad_sum
+        self.optimizer.apply_gradients(plan.params, self.grad_scale, grads=grad_sum)
         if self.timeline is not None:
             self.timeline.add("update", t1, _now())
         self.last = StepSums(count, loss_sum, correct, stop_total)

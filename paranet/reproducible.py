@@ -335,7 +335,7 @@ class MicroShardSteps:
         self.fixed = None  # FixedPoint over this rank's part of the int64 buffer
         self._buf = None
         self._stash = None  # (micro-shards, parameters): this rank's partial gradients of a step
-        self._mean = None  # the mean gradient handed to the optimizer
+        self._grad_sum = None  # the gradient summed over the batch's rows, handed to the optimizer
         self.comm_seconds = 0.0  # time in the two collectives of step()
 
     def micro_for(self, n_global):
@@ -359,7 +359,7 @@ class MicroShardSteps:
             size = max(need, words * params.size + self.TAIL + 16)
             self._buf = self.new_buffer(np.zeros(size, np.int64))
             self.fixed = FixedPoint(params.size, words, acc=self._buf[:words * params.size])
-            self._mean = np.empty(params.size, params.dtype)
+            self._grad_sum = np.empty(params.size, params.dtype)
         return self._buf
 
     def step(self, session, plan, feed, n_global, *, step=None, metric=None, stop=0):
@@ -375,8 +375,9 @@ class MicroShardSteps:
                 forward (the trainer counts correct predictions).
             stop: this rank's stop requests, a multiple of 1/1024 (the trainer's flags), summed over ranks.
         Returns:
-            (mean gradient array, count, loss_sum, correct, stop), the loss sum and counts
-            over all ranks; the mean gradient is valid until the next step.
+            (gradient, count, loss_sum, correct, stop) over all ranks: the gradient summed over
+            the batch's rows (sum of rows x micro-shard mean; divide by count for the mean),
+            valid until the next step.
         Raises:
             ExactSumError: a partial gradient holds a NaN or infinity (on every rank).
         """
@@ -443,10 +444,10 @@ class MicroShardSteps:
             raise RuntimeError(f"ranks disagree on the global batch: {count} rows summed, {n_global} expected")
         loss_sum = fsum_or_nan(_floats(summed[nw + self.TAIL:nw + self.TAIL + total_k]))
         try:
-            fp.to_float(summed[:nw], self._mean)
+            fp.to_float(summed[:nw], self._grad_sum)
         except ExactSumError as e:
             raise ExactSumError(f"gradient sum at step {step}: {e}") from None
-        return self._mean, count, loss_sum, correct_total, stop_total
+        return self._grad_sum, count, loss_sum, correct_total, stop_total
 
     def evaluate(self, session, loss, batches, feed_of, metric=None, allreduce=None):
         """(count, loss sum, correct) over batches of a split, each rank its micro-shards.
