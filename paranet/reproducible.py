@@ -13,7 +13,8 @@ things hold (issue 12):
    by its row count, into int64 multiples of 2**-bits at a scale every rank agrees on (one
    small MAX allreduce of the partials' largest exponent), sums them in int64, which is
    associative, and the ranks add their int64 sums (MPI_Allreduce or the shared-memory sum,
-   both exact on integers). The only rounding is the final conversion back to floats.
+   both exact on integers). Each partial is rounded once onto the grid, a rounding that does
+   not depend on P; the sums are exact; the result is rounded once back to floats.
 
 A value the representation cannot hold (NaN, infinity) raises ``ExactSumError`` naming the
 step; the scale is chosen so that no sum can overflow int64 (bound: rows x 2**exponent).
@@ -26,7 +27,7 @@ import time
 import numpy as np
 
 MICRO_MIN, MICRO_MAX = 64, 128  # micro-shard rows: see micro_size
-# Codes of FixedPoint.exponent besides a real exponent: every partial is zero, or some is not finite.
+# Codes of exponent_of besides a real exponent: every partial is zero, or some is not finite.
 ZERO = -(1 << 40)
 NONFINITE = 1 << 50
 HEADROOM = 51  # a sum of partials stays below 2**51 in magnitude: each rounds exactly by MAGIC, int64 never overflows
