@@ -487,8 +487,21 @@ class Trainer:
                 f"  data   {data}\n"
                 f"  model  {self.model.name}, {self.params.size:,} parameters, {self.dtype.name}\n"
                 f"  train  {self.flags.get('optimizer') or type(opt).__name__} lr {opt.learning_rate:g}, global batch {self.batch_size} "
-                f"({self.batch_size // w.size}{'+' if self.batch_size % w.size else ''} per rank), "
+                f"({self._split_text()}), "
                 f"{self.epochs} epochs of {r.steps_per_epoch} steps")
+
+    def _split_text(self):
+        """How a global batch is cut over the ranks, for the header."""
+        w, b = self.world, self.batch_size
+        if self.optimizer.reproducible:
+            from .reproducible import micro_size, num_micro_shards
+
+            m = micro_size(b)
+            k = num_micro_shards(b, m)
+            idle = f", {w.size - k} rank{'s' if w.size - k != 1 else ''} idle" if k < w.size else ""
+            return (f"--reproducible: {k} micro-shard{'s' if k != 1 else ''} of {m} rows "
+                    f"over {w.size} rank{'s' if w.size != 1 else ''}{idle}")
+        return f"{b // w.size}{'+' if b % w.size else ''} per rank"
 
     def fit(self):
         """Train; returns the metrics dict (the same on every rank). Raises Stop when the run
