@@ -22,7 +22,7 @@ from .trainer import RESUME_FIXED, Stop, Trainer, catch_sigterm
 
 OPTIMIZERS = {"sgd": GradientDescentOptimizer, "momentum": MomentumOptimizer, "adam": AdamOptimizer}
 # Defaults per model, measured to reach the README's accuracies (see `make accuracy`).
-MODEL_DEFAULTS = {"mlp": {"epochs": 12, "lr": 2e-3}, "cnn": {"epochs": 6, "lr": 2e-3}}
+MODEL_DEFAULTS = {"mlp": {"epochs": 12, "lr": 2e-3}, "cnn": {"epochs": 5, "lr": 3e-3}}
 OWN_MODEL_DEFAULTS = {"epochs": 10, "lr": 1e-3}  # a --model pkg.module:function
 SGD_LR = {"sgd": 0.1, "momentum": 0.02}
 MAX_LR = 1e6  # a larger --lr overflows the first update (and 1e4 already diverges)
