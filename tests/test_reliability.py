@@ -290,8 +290,11 @@ def test_resume_onto_other_data_or_changed_flags_is_refused_naming_both(mnist_h5
                            f"this run has {other.resolve()}, which differs (") and "resume with the same data" in line
     proc = run_train(None, "--data", mnist_h5, "--max-steps", 6, "--checkpoint", ck, "--resume", "--lr", "0.01",
                      check=False)
+    from paranet.cli import MODEL_DEFAULTS
+
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        f"paranet: error: {ck}: written with --lr 0.001, this run has 0.01 (it may not change on --resume)"]
+        f"paranet: error: {ck}: written with --lr {MODEL_DEFAULTS['mlp']['lr']:g}, this run has 0.01 "
+        f"(it may not change on --resume)"]
     assert digest(ck) == before
     # the same bytes under another name are the same data: accepted
     copy = shutil.copy(mnist_h5, tmp_path / "copy.h5")

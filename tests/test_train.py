@@ -236,7 +236,7 @@ def test_help_shows_defaults_and_console_script_exists():
     text = " ".join(proc.stdout.split())
     for expected in ("--batch-size BATCH_SIZE global batch size, split over the ranks (default: 128)",
                      "--optimizer {adam,momentum,sgd} the update rule (PyTorch's) (default: adam)", "--check-replicas N",
-                     "mlp 12, cnn 6"):
+                     "mlp 12, cnn 5"):
         assert expected in text, expected
 
 
