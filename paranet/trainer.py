@@ -480,7 +480,7 @@ class Trainer:
         data += f"; samples {_shape(shape)}, {r.num_classes} classes)" if shape is not None else ")"
         if self.staged_bytes:
             where = "shared by the ranks of each machine" if w.distributed else "of this process"
-            data += f"\n         held in memory {where}: {self.staged_bytes / 1e6:,.0f} MB, normalised in {self.dtype.name}"
+            data += f"\n         held in memory {where}: {_size(self.staged_bytes)}, normalised in {self.dtype.name}"
         else:
             data += "\n         read from HDF5 every step (one hyperslab a rank)"
         return (f"paranet: world size {w.size}, {w.library}; {w.describe_allreduce()}{blas}\n"
@@ -735,6 +735,14 @@ def _memory_available():
     except OSError:
         pass
     return 1 << 30
+
+
+def _size(nbytes):
+    """Bytes for people: 222 MB, 96 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.0f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _shape(shape):
