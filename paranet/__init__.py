@@ -11,8 +11,32 @@ Data parallelism (``pn.distributed.init()``, ``pn.DistributedOptimizer``), the t
 use, so ``import paranet`` needs neither mpi4py nor h5py.
 """
 import importlib
+import signal as _signal
+import sys as _sys
 
-from . import nn, train
+# The trainer's command line records a SIGTERM from its very first moment, before numpy and the
+# rest load (about 0.4 s): paranet.trainer.Trainer.fit then stops cleanly before its first
+# step. Only for `python -m paranet.train` and `paranet-train`; a library user's signals are
+# left alone.
+_early_sigterm = [False]
+
+
+def _record_sigterm(signum, frame):
+    _early_sigterm[0] = True
+
+
+def _is_trainer_cli(orig_argv, argv):
+    """True when this process is ``python [options] -m paranet.train`` or ``paranet-train``."""
+    for i, arg in enumerate(orig_argv[1:-1], start=1):
+        if arg == "-m":
+            return orig_argv[i + 1] == "paranet.train"
+    return bool(argv) and argv[0].endswith("paranet-train")
+
+
+if _is_trainer_cli(getattr(_sys, "orig_argv", []), _sys.argv):
+    _signal.signal(_signal.SIGTERM, _record_sigterm)
+
+from . import nn, train  # noqa: E402
 from .activations import Line, relu, sigmoid, softmax
 from .graph import GraphError, Node, Parameters, Session, Variable, placeholder
 from .losses import MeanSquareLoss, SoftmaxCrossEntropy

@@ -33,7 +33,7 @@ RESUME_FIXED = ("model", "hidden", "channels", "batch_size", "seed", "dtype", "o
 CALLBACK_STOP = 1 << 20  # a callback's stop request in the step's stop slot (SIGTERMs count 1 each)
 CHECKPOINT_NOW = 0.5  # rank 0's "--checkpoint-every M minutes is due" in the stop slot (a fraction:
 # exact in float32 while the integer part stays below 2**23)
-_early_sigterm = [False]  # a SIGTERM seen by catch_sigterm() before a Trainer ran
+from . import _early_sigterm  # a SIGTERM seen before a Trainer ran (paranet/__init__.py, catch_sigterm)
 
 
 def catch_sigterm():

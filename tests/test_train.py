@@ -327,3 +327,19 @@ def test_data_in_memory_on_and_off_train_to_the_same_bits(mnist_h5, tmp_path):
     assert "read from HDF5 every step" in off.stdout
     a, b = load_params(tmp_path / "a.npz"), load_params(tmp_path / "b.npz")
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def test_sigterm_while_the_trainer_is_still_importing_stops_it_cleanly(tmp_path, mnist_h5):
+    """Issue 11 item 12: 0.1 s after the start the trainer is still importing numpy and h5py;
+    paranet/__init__.py has recorded the signal from its first line, so the run stops before
+    its first step with a checkpoint and exit 0, not status 143 with no message."""
+    ck = tmp_path / "ck.h5"
+    proc = subprocess.Popen(train_cmd(None, "--data", mnist_h5, "--max-steps", 50, "--checkpoint", ck), cwd=REPO,
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (proc.returncode, err)
+    assert "paranet: stopped by SIGTERM before step 1" in out
+    with h5py.File(ck, "r") as f:
+        assert f.attrs["global_step"] == 0
