@@ -24,16 +24,19 @@ from .files import OutputError, atomic_path, check_output, cleanup_stale
 from .graph import Session
 from .models import Model, as_model
 from .timeline import NoTimeline, Timeline, write_trace
+from . import _early_sigterm  # a SIGTERM seen before a Trainer ran (paranet/__init__.py, catch_sigterm)
 
 
 # Flags a resumed run must share with the checkpoint's run (when both record them): they fix what
 # the recorded step means, the data order, the learning-rate curve, the model and its update.
 RESUME_FIXED = ("model", "hidden", "channels", "batch_size", "seed", "dtype", "optimizer", "lr", "momentum",
                 "schedule", "epochs")
-CALLBACK_STOP = 1 << 20  # a callback's stop request in the step's stop slot (SIGTERMs count 1 each)
-CHECKPOINT_NOW = 0.5  # rank 0's "--checkpoint-every M minutes is due" in the stop slot (a fraction:
-# exact in float32 while the integer part stays below 2**23)
-from . import _early_sigterm  # a SIGTERM seen before a Trainer ran (paranet/__init__.py, catch_sigterm)
+# The step's stop slot, summed over the ranks in the gradient buffer (float32 is exact below
+# 2**24): each rank adds 1 for SIGTERM, CALLBACK_STOP when its callbacks asked to stop, and rank 0
+# CHECKPOINT_NOW when a timed checkpoint is due. With P < 4096 ranks the three never mix:
+# SIGTERMs < 4096, callback stops < 4096 * 4096 = 2**24, and the 0.5 stays exact below 2**23.
+CALLBACK_STOP = 1 << 12
+CHECKPOINT_NOW = 0.5
 
 
 def catch_sigterm():
