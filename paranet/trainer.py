@@ -33,8 +33,8 @@ RESUME_FIXED = ("model", "hidden", "channels", "batch_size", "seed", "dtype", "o
                 "schedule", "epochs")
 # The step's stop slot, summed over the ranks in the gradient buffer (float32 is exact below
 # 2**24): each rank adds 1 for SIGTERM, CALLBACK_STOP when its callbacks asked to stop, and rank 0
-# CHECKPOINT_NOW when a timed checkpoint is due. With P < 4096 ranks the three never mix:
-# SIGTERMs < 4096, callback stops < 4096 * 4096 = 2**24, and the 0.5 stays exact below 2**23.
+# CHECKPOINT_NOW when a timed checkpoint is due. With P < 2048 ranks the three never mix:
+# SIGTERMs < 4096, callback stops < 2048 * 4096 = 2**23, below which the 0.5 stays exact.
 CALLBACK_STOP = 1 << 12
 CHECKPOINT_NOW = 0.5
 
