@@ -380,6 +380,55 @@ def report(results):
               f">={r['want']:<5}  {r['result']}")
 
 
+# -- the README's tables (python -m bench.readme_tables rewrites them from bench.json) ------------
+
+def markdown(results):
+    """The README's table: each P's samples/s of paranet, torch and the GEMMs alone, the GEMM
+    rate, and the medians of the paired ratios the targets judge."""
+    lines = ["| P | global batch | paranet samples/s | torch samples/s | GEMMs-only samples/s | GEMM GFLOP/s "
+             "| paranet / torch | paranet / limit | GEMMs only / torch |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in results["cases"]:
+        t, r, g = c.get("torch_samples_per_s"), c.get("paranet_over_torch"), c.get("limit_over_torch")
+        lines.append(f"| {c['ranks']} | {c['batch']} | {c['paranet_samples_per_s']:,.0f} | "
+                     f"{'—' if t is None else format(t, ',.0f')} | {c['limit_samples_per_s']:,.0f} | "
+                     f"{c['gemm_gflops']:.1f} | {'—' if r is None else format(r, '.2f') + '×'} | "
+                     f"{100 * c['paranet_over_limit']:.0f}% | {'—' if g is None else format(g, '.2f') + '×'} |")
+    return "\n".join(lines)
+
+
+_KINDS = {"MaxPoolOp": "pool", "Relu": "ReLU"}
+
+
+def _phase(key):
+    """An op_breakdown key as the README names the phase: "bwd Conv2DOp 'conv2'" -> "conv2 backward",
+    "bwd MaxPoolOp 'MaxPoolOp#2'" -> "pool 2 backward"; the other keys as they are."""
+    if not key.startswith(("fwd ", "bwd ")):
+        return key
+    way, cls, label = key.split(" ", 2)
+    label = label.strip("'")
+    name, _, k = label.partition("#")
+    if name == cls:  # an op the model did not name: its kind and its place among its kind
+        name = f"{_KINDS.get(cls, cls)} {k or 1}"
+    return f"{name} {'forward' if way == 'fwd' else 'backward'}"
+
+
+def markdown_ops(results, share=0.05):
+    """The README's table of where a P = 1 step goes (rank 0, µs a step): the phases that take at
+    least ``share`` of the step, largest first, then one row for the rest."""
+    case = next((c for c in results["cases"] if c.get("ops") and c["ranks"] == 1), None)
+    if case is None:
+        return None
+    ops = case["ops"]
+    big = sorted(((k, v) for k, v in ops["us"].items() if v >= share * ops["total_us"]), key=lambda kv: -kv[1])
+    rest = [v for k, v in ops["us"].items() if v < share * ops["total_us"]]
+    lines = ["| phase | time (µs) |", "|---|---:|"]
+    lines += [f"| {_phase(k)} | {v:,.0f} |" for k, v in big]
+    if rest:
+        lines.append(f"| everything else ({len(rest)} phases) | under {50 * -int(-max(rest) // 50):,} each |")
+    lines.append(f"| **the step** (P = 1, batch {case['batch']}) | **{ops['total_us']:,.0f}** |")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.cnn", description=__doc__.splitlines()[0],
                                 epilog="\n".join(__doc__.splitlines()[2:]),

@@ -379,5 +379,46 @@ def main(argv=None):
     return result
 
 
+# -- the README's tables (python -m bench.readme_tables rewrites them from bench.json) ------------
+
+def _e(v):
+    """1.5e-8 as the README writes errors (no exponent padding); 0 as 0."""
+    return "0" if v == 0 else f"{v:.1e}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def markdown_accuracy(results):
+    """The README's accuracy table (``--accuracy``) at the largest P measured: the largest
+    gradient element, and the largest and median element errors of today's sum and the exact one."""
+    rows = results.get("accuracy")
+    if not rows:
+        return None
+    ranks = max(r["ranks"] for r in rows)
+    lines = ["| dtype | batch | m | step | largest \\|g\\| | max error today | max error exact sum | median today "
+             "| median exact sum |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["ranks"] == ranks:
+            lines.append(f"| {r['dtype']} | {r['batch']} | {r['micro']} | {r['step']} | {_e(r['max_abs_grad'])} | "
+                         f"{_e(r['max_today'])} | {_e(r['max_repro'])} | {_e(r['median_today'])} | {_e(r['median_repro'])} |")
+    return "\n".join(lines)
+
+
+def markdown_throughput(results):
+    """The README's cost table (``--throughput``): reproducible / plain samples/s for each model,
+    dtype and batch (rows) at each P (columns)."""
+    rows = results.get("throughput")
+    if not rows:
+        return None
+    procs = sorted({r["ranks"] for r in rows})
+    table = {}  # (model, dtype, batch, m) -> {P: ratio}, in the order measured
+    for r in rows:
+        table.setdefault((r["model"], r["dtype"], r["batch"], r["micro"]), {})[r["ranks"]] = r["ratio"]
+    lines = ["| model, dtype | batch | m | " + " | ".join(f"P = {p}" for p in procs) + " |",
+             "|---|---:|---:|" + "---:|" * len(procs)]
+    for (model, dtype, batch, micro), by_p in table.items():
+        lines.append(f"| {model.upper()} {dtype} | {batch} | {micro} | "
+                     + " | ".join(f"{by_p[p]:.2f}" if p in by_p else "" for p in procs) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

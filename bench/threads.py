@@ -214,5 +214,71 @@ def report(results):
                 print(f"  {'ratio ' + name:<52} {q['ratio']:>9.3f}  per round {', '.join(f'{x:.2f}' for x in q['paired'])}{verdict}")
 
 
+# -- the README's tables (python -m bench.readme_tables rewrites them from bench.json) ------------
+
+def _untagged(part, code):
+    """{case label without the tag --before gives it: case} of one code's comparison in ``part``."""
+    tag = "" if code == "now" else f"{code} "  # main(): the results are keyed by tag.strip() or "now"
+    return {label[len(tag):]: c for label, c in part[code]["cases"].items()}
+
+
+def _ratio_cell(r, digits, rounds=False):
+    """A ratio in bold, "(54x slower)" when under 0.5, and the range of the rounds if asked."""
+    cell = f"**{r['ratio']:.{digits if r['ratio'] >= 0.1 else 3}f}**"
+    notes = [f"{1 / r['ratio']:.0f}x slower"] if r["ratio"] < 0.5 else []
+    if rounds and len(r["paired"]) > 1:
+        notes.append(f"rounds {min(r['paired']):.2f} to {max(r['paired']):.2f}")
+    return cell + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def markdown_bound(results):
+    """The README's table of part 1: the bound run, the unbound one-thread run and the bound
+    one-thread run, samples/s (a column for --before's paranet where it ran), and bound / unbound."""
+    bound = results.get("bound")
+    if not bound or "skipped" in bound:
+        return None
+    codes = list(bound)  # "now", or "before (COMMIT)" and "now:"
+    cases = {code: list(_untagged(bound, code).values()) for code in codes}  # in bound_cases() order
+    first = next(iter(_untagged(bound, codes[0])))
+    cpu = first.split("taskset -c ")[1].split(",")[0]
+    runs = [f"`taskset -c {cpu} python -m paranet.train ...` (no thread variable)",
+            "`OMP_NUM_THREADS=1 ... python -m paranet.train ...` (unbound)",
+            f"`OMP_NUM_THREADS=1 ... taskset -c {cpu} python -m paranet.train ...`"]
+    heads = ["samples/s"] if len(codes) == 1 else [f"{code.rstrip(':')}, samples/s" for code in codes]
+    lines = ["| run | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(codes)]
+    for i, run in enumerate(runs):
+        lines.append(f"| {run} | " + " | ".join(f"{cases[code][i]['median']:,.0f}" for code in codes) + " |")
+    target = bound[codes[-1]]["ratios"]["bound / unbound"]["target"]
+    lines.append(f"| **bound / unbound** (target >= {target}) | "
+                 + " | ".join(_ratio_cell(bound[code]["ratios"]["bound / unbound"], 3) for code in codes) + " |")
+    return "\n".join(lines)
+
+
+def markdown_two_hosts(results):
+    """The README's table of part 2: P=2 on one host (shared-memory sum, and MPI_Allreduce) and
+    over two network namespaces, samples/s and comm share, the ratio, and --before's two hosts."""
+    two = results.get("two_hosts")
+    if not two or "skipped" in two:
+        return None
+    codes = list(two)
+    now, before = two[codes[-1]], two[codes[0]] if len(codes) > 1 else None
+    cases = _untagged(two, codes[-1])
+    rows = [("P=2 on one host (`mpiexec -n 2`, gradients summed in shared memory)", "P=2 one host, no thread variable"),
+            ("P=2 on one host, `--allreduce mpi`", "P=2 one host, no thread variable, --allreduce mpi"),
+            ("P=2 over the two namespaces (MPI_Allreduce over TCP)", "P=2 two hosts, no thread variable")]
+    lines = ["| run | samples/s | comm share |", "|---|---:|---:|"]
+    for run, label in rows:
+        if label in cases:
+            c = cases[label]
+            share = c.get("comm_share_median")
+            lines.append(f"| {run} | {c['median']:,.0f} | {'—' if share is None else format(100 * share, '.1f') + '%'} |")
+    lines.append(f"| **two hosts / one host** | {_ratio_cell(now['ratios']['two hosts / one host'], 2, rounds=True)} | |")
+    if before is not None:
+        c = _untagged(two, codes[0])["P=2 two hosts, no thread variable"]
+        lines.append(f"| before: two hosts ({codes[0].split('(')[1].rstrip(')')}, `--before` run) | {c['median']:,.0f} "
+                     f"({before['ratios']['two hosts / one host']['ratio']:.3f} x one host) | |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()
