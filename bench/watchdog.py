@@ -100,7 +100,7 @@ def markdown(result):
     """The README's cost line under "A stuck rank does not hang the job": the hook's cost a step
     against the step, and the on/off step time ratio measured side by side."""
     hook_us, step_ms = result["hook_ns"] / 1e3, result["step_ms_off"]
-    return (f"Cost: {hook_us:.2f} µs a step for the hook against a {step_ms:.1f} ms step "
+    return (f"Cost: {hook_us:.2f} µs a step for the hook against a {step_ms:.3g} ms step "
             f"({100 * hook_us / (1e3 * step_ms):.2f}%) at P={result['ranks']}, batch {result['batch']}; side by side in "
             f"one job (`python -m bench.watchdog`, {result['blocks']} alternated blocks of {result['block_steps']} steps "
             f"each way) the on/off step time ratio was {result['median_ratio_on_off']:.3f}.")

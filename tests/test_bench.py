@@ -124,7 +124,7 @@ def test_readme_tables_keep_indentation_and_report_unknown_markers():
               "<!-- bench:nonsense -->\nx\n<!-- /bench:nonsense -->\n")
     new, done = readme_tables.render(readme, results)
     assert new.startswith("- a bullet\n  <!-- bench:watchdog -->\n  Cost: 0.65 µs a step for the hook against a "
-                          "6.1 ms step (0.01%) at P=2, batch 128;")
+                          "6.12 ms step (0.01%) at P=2, batch 128;")
     assert "each way) the on/off step time ratio was 0.999.\n  <!-- /bench:watchdog -->\n" in new
     assert "old bound" in new and "Cost: old." not in new
     assert new.endswith("<!-- bench:nonsense -->\nx\n<!-- /bench:nonsense -->\n")
@@ -297,6 +297,6 @@ def test_reproducible_and_watchdog_tables_render_the_readme_rows():
 
     text = watchdog.markdown({"ranks": 2, "batch": 128, "blocks": 6, "block_steps": 25, "step_ms_off": 5.96,
                               "step_ms_on": 5.97, "median_ratio_on_off": 1.0071, "hook_ns": 702.0})
-    assert text == ("Cost: 0.70 µs a step for the hook against a 6.0 ms step (0.01%) at P=2, batch 128; side by side "
+    assert text == ("Cost: 0.70 µs a step for the hook against a 5.96 ms step (0.01%) at P=2, batch 128; side by side "
                     "in one job (`python -m bench.watchdog`, 6 alternated blocks of 25 steps each way) the on/off step "
                     "time ratio was 1.007.")
