@@ -517,11 +517,14 @@ def parse_args(argv=None):
     p.add_argument("--tta-models", nargs="+", default=["mlp", "cnn"], help="models for --time-to-accuracy")
     p.add_argument("--data-bench", action="store_true", help="also run bench/bench_data.py (writes big temporary files)")
     p.add_argument("--data-scale", type=int, default=None, help="bench_data's --scale (its default: 10)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and scaling.png")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="folder for bench.json and scaling.png (with --quick: bench/results/quick)")
     p.add_argument("--no-plot", action="store_true", help="do not draw scaling.png")
     p.add_argument("--case-timeout", type=int, default=600, help="seconds one case may take")
     args = p.parse_args(argv)
     quick = args.quick
+    if quick and args.out == RESULTS:  # a smoke run never replaces the results the README shows
+        args.out = RESULTS / "quick"
     for name, full, small in (("repeats", 15, 2), ("segment_samples", 12800, 512), ("min_steps", 10, 2),
                               ("warmup", 10, 2), ("stepwise", 300, 6), ("profile_steps", 100, 3), ("memory_steps", 200, 20)):
         if getattr(args, name) is None:

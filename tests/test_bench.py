@@ -300,3 +300,19 @@ def test_reproducible_and_watchdog_tables_render_the_readme_rows():
     assert text == ("Cost: 0.70 µs a step for the hook against a 5.96 ms step (0.01%) at P=2, batch 128; side by side "
                     "in one job (`python -m bench.watchdog`, 6 alternated blocks of 25 steps each way) the on/off step "
                     "time ratio was 1.007.")
+
+
+def test_the_readme_tables_are_the_committed_bench_json():
+    """No benchmark table in the README is edited by hand: rendering bench/results/bench.json (the
+    last full `make bench`, committed beside them) gives the README as it is."""
+    import json
+    from pathlib import Path
+
+    from bench import readme_tables
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    results = json.loads((repo / "bench" / "results" / "bench.json").read_text())
+    new, done = readme_tables.render(readme, results)
+    assert done and all(v == "rewritten" for v in done.values()), done
+    assert new == readme
