@@ -90,6 +90,7 @@ class Watchdog:
             waiting = [i for i in range(len(self.ranks)) if self.ranks[i] not in missing]
             if not waiting or self.local == min(waiting):
                 print(self.describe(missing), file=sys.stderr, flush=True)
+                time.sleep(0.5)  # let the launcher forward the line before Abort tears the job down
             else:
                 time.sleep(min(2.0, self.timeout))  # the speaker's line first
             self.world.abort(EXIT_STALLED)

@@ -263,7 +263,10 @@ def test_a_checkpoint_write_that_fails_mid_run_stops_every_rank_with_one_line(mn
         if job.poll() is None:
             job.kill()
     errors = [line for line in log.read_text().splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert errors == [f"paranet: error: {ck}: cannot create its directory {run_dir} (File exists)"], log.read_text()
+    # which call meets the file first depends on timing: making the folder, or opening the temporary file in it
+    assert errors in ([f"paranet: error: {ck}: cannot create its directory {run_dir} (File exists)"],
+                      [f"paranet: error: {ck}: cannot write (Not a directory); the previous file, if any, is unchanged"]
+                      ), log.read_text()
     assert 20 <= attrs(moved / "ck.h5")["global_step"] < 400
 
 
