@@ -110,7 +110,7 @@ def build_parser():
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="BLAS threads per rank; default: OMP_NUM_THREADS (or OPENBLAS_/MKL_NUM_THREADS) when set, "
                         "else the CPUs this rank may use, shared with the ranks of the machine whose CPUs overlap")
-    p.add_argument("--csv", type=Path, default=None, metavar="LOG.csv", help="append one row of metrics per epoch")
+    p.add_argument("--csv", type=Path, default=None, metavar="LOG.csv", help="a CSV of the metrics, one row per epoch (rewritten whole, atomically, each epoch)")
     p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
                    help="write TensorBoard event files (needs tensorboardX: pip install 'paranet[tensorboard]')")
     p.add_argument("--data-in-memory", choices=["auto", "on", "off"], default="auto",
@@ -119,7 +119,7 @@ def build_parser():
                         "takes at most a quarter of the available memory; off reads one hyperslab a rank "
                         "each step (for files larger than memory)")
     p.add_argument("--reproducible", action="store_true",
-                   help="the same bits at any number of ranks (see the README's 'Reproducibility')")
+                   help="the same bits at any number of ranks at a cost (see the README's 'Bit-for-bit the same result at any number of ranks')")
     return p
 
 
