@@ -491,7 +491,7 @@ class Trainer:
                 f"  model  {self.model.name}, {self.params.size:,} parameters, {self.dtype.name}\n"
                 f"  train  {self.flags.get('optimizer') or type(opt).__name__} lr {opt.learning_rate:g}, global batch {self.batch_size} "
                 f"({self._split_text()}), "
-                f"{self.epochs} epochs of {r.steps_per_epoch} steps")
+                f"{self.epochs} epoch{'s' if self.epochs != 1 else ''} of {r.steps_per_epoch} steps")
 
     def _split_text(self):
         """How a global batch is cut over the ranks, for the header."""
