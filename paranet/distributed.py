@@ -105,8 +105,16 @@ class World:
         if arr.dtype.kind == "b":
             arr = arr.astype(np.int64)
         if self.distributed:
-            self.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+            self._waited("sum over the ranks", self.comm.Allreduce, MPI.IN_PLACE, arr, op=MPI.SUM)
         return arr.item() if arr.ndim == 0 else arr
+
+    def max(self, x):
+        """The largest ``x`` (a number) over all ranks."""
+        if not self.distributed:
+            return x
+        buf = np.array([x])  # the buffer form: no pickling on the reproducible step's path
+        self._waited("maximum over the ranks", self.comm.Allreduce, MPI.IN_PLACE, buf, op=MPI.MAX)
+        return buf.item()
 
     def mean(self, x):
         """The mean of ``x`` (a number or an array) over all ranks."""
@@ -128,17 +136,23 @@ class World:
         saves the copy back into ``buf``). Any other buffer is summed in place by
         MPI_Allreduce and returned.
         """
-        if self.distributed:
-            wd = self.watchdog
-            if wd is not None:
-                wd.enter("sum over the ranks")
-            if self._shm is not None and buf is self._shm.buffer:
-                buf = self._shm.allreduce()
-            else:
-                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            if wd is not None:
-                wd.leave()
+        if not self.distributed:
+            return buf
+        if self._shm is not None and buf is self._shm.buffer:
+            return self._waited("sum over the ranks", self._shm.allreduce)
+        self._waited("sum over the ranks", self.comm.Allreduce, MPI.IN_PLACE, buf, op=MPI.SUM)
         return buf
+
+    def _waited(self, what, collective, *args, **kwargs):
+        """Run ``collective`` with the stall watchdog (when one runs) timing the wait as ``what``."""
+        wd = self.watchdog
+        if wd is None:
+            return collective(*args, **kwargs)
+        wd.enter(what)
+        try:
+            return collective(*args, **kwargs)
+        finally:
+            wd.leave()
 
     def shared_buffer(self, like):
         """A zeroed buffer of ``like``'s shape and dtype for repeated ``allreduce_sum`` calls
@@ -219,32 +233,14 @@ class World:
         return buf
 
     def bcast_object(self, obj, root=0):
-        if not self.distributed:
-            return obj
-        if self.watchdog is None:
-            return self.comm.bcast(obj, root=root)
-        self.watchdog.enter("broadcast")
-        obj = self.comm.bcast(obj, root=root)
-        self.watchdog.leave()
-        return obj
+        return self._waited("broadcast", self.comm.bcast, obj, root=root) if self.distributed else obj
 
     def gather_object(self, obj, root=0):
-        if not self.distributed:
-            return [obj]
-        if self.watchdog is None:
-            return self.comm.gather(obj, root=root)
-        self.watchdog.enter("gather")
-        objs = self.comm.gather(obj, root=root)
-        self.watchdog.leave()
-        return objs
+        return self._waited("gather", self.comm.gather, obj, root=root) if self.distributed else [obj]
 
     def barrier(self):
         if self.distributed:
-            if self.watchdog is not None:
-                self.watchdog.enter("barrier")
-            self.comm.Barrier()
-            if self.watchdog is not None:
-                self.watchdog.leave()
+            self._waited("barrier", self.comm.Barrier)
 
     def abort(self, code=1):
         """End every rank of the job now."""
@@ -529,7 +525,7 @@ class DistributedOptimizer:
         if params is not self._params:  # first step: the gradients move to the buffer the world reduces
             params.use_grad_storage(self.world.shared_buffer(params.grad_storage))
             self._params, self._views = params, {}
-        if params is not self._synced and self._synced is None:
+        if self._synced is None:
             self._synced = params  # a caller driving the step itself (the trainer) synced it already
         buf = params.grad_storage
         size = self.world.size
@@ -569,15 +565,7 @@ class DistributedOptimizer:
             from .reproducible import MicroShardSteps
 
             w = self.world
-
-            def max_over_ranks(value):
-                if not w.distributed:
-                    return value
-                buf = np.array([value], np.int64)
-                w.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
-                return int(buf[0])
-
-            self._micro = MicroShardSteps(w.rank, w.size, w.sum_over_ranks, max_over_ranks, buffer=w.shared_buffer)
+            self._micro = MicroShardSteps(w.rank, w.size, w.sum_over_ranks, w.max, buffer=w.shared_buffer)
         return self._micro
 
     def reproducible_step(self, session, plan, feed, total, metric=None, stop=0):
