@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from . import checkpoint
-from .data import BatchReader, DataError, default_data_path, ensure_default_dataset
+from .data import DataError, default_data_path, ensure_default_dataset
 from .graph import GraphError
 from .models import MODELS, ModelError, build_model, load_builder
 from .train import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer
 from .files import OutputError
-from .trainer import RESUME_FIXED, Stop, Trainer, catch_sigterm
+from .trainer import RESUME_FIXED, Stop, Trainer, catch_sigterm, open_readers
 
 OPTIMIZERS = {"sgd": GradientDescentOptimizer, "momentum": MomentumOptimizer, "adam": AdamOptimizer}
 # Defaults per model, measured to reach the README's accuracies (see `make accuracy`).
@@ -250,22 +250,6 @@ def _int_list(text):
     return values
 
 
-def data_shape(path, world):
-    """(sample_shape, num_classes) of the training split, read by rank 0 and shared; bad data
-    is one line from rank 0 (exit 2)."""
-    info, error = None, None
-    if world.rank == 0:
-        try:
-            with BatchReader(path, "train", rank=0, size=1, batch_size=1, prefetch=False) as r:
-                info = (tuple(getattr(r, "sample_shape", (28, 28))), int(getattr(r, "num_classes", 10)))
-        except DataError as e:
-            error = str(e)
-    info, error = world.bcast_object((info, error))
-    if error:
-        raise Stop(f"paranet: error: {error}", 2)
-    return info
-
-
 def build_callbacks(args):
     from .callbacks import CosineDecay, CSVLogger, TensorBoard
 
@@ -282,7 +266,9 @@ def build_callbacks(args):
 def run(args, world):
     """Build the model for the data, then train: the whole CLI after flag parsing."""
     data = prepare_data(args, world)
-    sample_shape, num_classes = data_shape(data, world)
+    train, val, test = open_readers(data, world, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                                    seed=args.seed, dtype=args.dtype, prefetch=args.prefetch)
+    sample_shape, num_classes = train.sample_shape, train.num_classes
     rng = np.random.default_rng(args.seed)  # draws the initial weights
     options = {}
     if args.model in MODELS:
@@ -293,7 +279,7 @@ def run(args, world):
     model = build_model(load_builder(args.model), sample_shape, num_classes, rng,
                         name=args.model if args.model in MODELS else None, **options)
     trainer = Trainer(
-        model, data, make_optimizer(args, model.loss), world=world, batch_size=args.batch_size, epochs=args.epochs,
+        model, train, make_optimizer(args, model.loss), val_data=val, test_data=test, world=world, batch_size=args.batch_size, epochs=args.epochs,
         seed=args.seed, dtype=args.dtype, eval_batch_size=args.eval_batch_size, max_steps=args.max_steps,
         checkpoint=args.checkpoint, resume=args.resume, metrics=args.metrics, save_params=args.save_params,
         timeline=args.timeline, timeline_steps=args.timeline_steps, check_replicas=args.check_replicas,

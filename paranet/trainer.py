@@ -24,7 +24,7 @@ from .files import OutputError, atomic_path, check_output, cleanup_stale
 from .graph import Session
 from .models import Model, as_model
 from .timeline import NoTimeline, Timeline, write_trace
-from . import _early_sigterm  # a SIGTERM seen before a Trainer ran (paranet/__init__.py, catch_sigterm)
+from . import _early_sigterm, _record_sigterm  # a SIGTERM seen before a Trainer ran (paranet/__init__.py)
 
 
 # Flags a resumed run must share with the checkpoint's run (when both record them): they fix what
@@ -40,14 +40,11 @@ CHECKPOINT_NOW = 0.5
 
 
 def catch_sigterm():
-    """Record SIGTERM instead of dying from it, for the start-up before ``Trainer.fit`` (imports,
-    MPI, building the data and the model): ``fit`` then stops cleanly before the first step.
-    The command line calls it first thing."""
-
-    def record(signum, frame):
-        _early_sigterm[0] = True
-
-    signal.signal(signal.SIGTERM, record)
+    """Record SIGTERM instead of dying from it, for the start-up before ``Trainer.fit`` (MPI,
+    building the data and the model): ``fit`` then stops cleanly before the first step. The
+    trainer's command line has it from its first line (paranet/__init__.py); ``cli.main``
+    calls this for a caller that runs it in-process."""
+    signal.signal(signal.SIGTERM, _record_sigterm)
 
 
 class Stop(Exception):
@@ -57,6 +54,43 @@ class Stop(Exception):
     def __init__(self, message, code):
         super().__init__(message)
         self.code = code
+
+
+def open_readers(path, world, *, batch_size, eval_batch_size=1000, seed=0, dtype=np.float32, prefetch=False):
+    """This rank's readers of a paranet HDF5 file: (train, val, test), val and test None where
+    the file has no such split. Rank 0 opens its own first, so bad data is one line from it
+    (Stop, exit 2) while the others wait, then the others open theirs."""
+    path = Path(path)
+
+    def open_all(splits):
+        common = dict(rank=world.rank, size=world.size, dtype=dtype)
+        eval_bs = max(eval_batch_size, world.size)
+        train = BatchReader(path, "train", batch_size=batch_size, seed=seed, prefetch=prefetch, **common)
+        return (train, *(BatchReader(path, s, batch_size=eval_bs, shuffle=False, prefetch=False, **common)
+                         if s in splits else None for s in ("val", "test")))
+
+    readers = splits = error = None
+    if world.rank == 0:
+        try:
+            splits = _optional_splits(path)
+            readers = open_all(splits)
+        except DataError as e:
+            error = str(e)
+    splits, error = world.bcast_object((splits, error))
+    if error:
+        raise Stop(f"paranet: error: {error}", 2)
+    return readers if world.rank == 0 else open_all(splits)
+
+
+def _optional_splits(path):
+    """Which of val and test the file holds (present but empty: the reader names it)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return {s for s in ("val", "test") if s in f}
+    except (OSError, ValueError):
+        return set()  # the train reader names what is wrong
 
 
 class Trainer:
@@ -145,7 +179,7 @@ class Trainer:
         self.optimizer.broadcast_state(self.params)  # every replica starts from rank 0's weights
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.history = []
-        self.epoch_sums = np.zeros(3)  # the current epoch's loss sum, correct, count so far (checkpointed)
+        self.epoch_sums = [0.0, 0.0, 0.0]  # the current epoch's loss sum, correct, count so far (checkpointed)
         self.stop_training = False  # set by a callback: every rank stops (see Callback)
         self.stop_requested = False  # SIGTERM: checkpoint and stop after the current step
         self._stop_after_step = False  # a callback's request, travelling in the next step's sum
@@ -165,38 +199,20 @@ class Trainer:
     # -- data --------------------------------------------------------------------------
 
     def open_data(self):
-        """Open this rank's readers. Rank 0 first checks every split of a file, so that bad
-        data gives one error line, not one per rank (the others wait for its verdict)."""
-        w = self.world
+        """This rank's readers (``open_readers`` for a file, the caller's own otherwise), cut
+        into micro-shards under ``reproducible`` and staged in memory under ``data_in_memory``."""
         if isinstance(self.data, BatchReader):
             self.train_reader, self.val_reader, self.test_reader = self.data, self.val_data, self.test_data
-            self._micro_shard_readers()
-            return
-        path = Path(self.data)
-        error = None
-        if w.rank == 0:
-            try:
-                for split, bs in self._splits():
-                    if self._has_split(path, split):
-                        BatchReader(path, split, rank=0, size=w.size, batch_size=bs, prefetch=False).close()
-            except DataError as e:
-                error = str(e)
-        error = w.bcast_object(error)
-        if error:
-            raise Stop(f"paranet: error: {error}", 2)
-        common = dict(rank=w.rank, size=w.size, dtype=self.dtype)
-        eval_bs = max(self.eval_batch_size, w.size)
-        self.train_reader = BatchReader(path, "train", batch_size=self.batch_size, seed=self.seed,
-                                        prefetch=self.prefetch, **common)
-        self.val_reader = (BatchReader(path, "val", batch_size=eval_bs, shuffle=False, prefetch=False, **common)
-                           if self._has_split(path, "val") else None)
-        self.test_reader = (BatchReader(path, "test", batch_size=eval_bs, shuffle=False, prefetch=False, **common)
-                            if self._has_split(path, "test") else None)
+        else:
+            self.train_reader, self.val_reader, self.test_reader = open_readers(
+                self.data, self.world, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
+                seed=self.seed, dtype=self.dtype, prefetch=self.prefetch)
         self._micro_shard_readers()
         self._stage_data()
-        # uint8 images scaled by finite constants are finite by construction: skip the per-feed
-        # NaN/inf pass (a diverging loss is caught after the gradient sum)
-        self.session.check_finite = np.dtype(getattr(self.train_reader, "feature_dtype", np.uint8)) != np.uint8
+        # uint8 images scaled by finite constants are finite by construction, and the reader
+        # checks float features: skip the per-feed NaN/inf pass (a diverging loss is caught
+        # after the gradient sum)
+        self.session.check_finite = False
 
     def _stage_data(self):
         """``data_in_memory``: hold every split in memory shared by the ranks of each machine,
@@ -231,23 +247,6 @@ class Trainer:
             for reader in (self.train_reader, self.val_reader, self.test_reader):
                 if reader is not None:
                     use_micro_shards(reader)
-
-    def _splits(self):
-        eval_bs = max(self.eval_batch_size, self.world.size)
-        return [("train", self.batch_size), ("val", eval_bs), ("test", eval_bs)]
-
-    @staticmethod
-    def _has_split(path, split):
-        """train is required; val and test are used when the file has them."""
-        if split == "train":
-            return True
-        import h5py
-
-        try:
-            with h5py.File(path, "r") as f:
-                return split in f  # present but empty: the reader names it
-        except (OSError, ValueError):
-            return True  # let the reader name what is wrong
 
     @property
     def steps_per_epoch(self):
@@ -337,7 +336,7 @@ class Trainer:
                 checkpoint.save(
                     self.checkpoint, self.params, self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
                     global_step=self.global_step, world_size=self.world.size, seed=self.seed, flags=self.flags,
-                    history=self.history, keep=self.keep, epoch_sums=[float(v) for v in self.epoch_sums],
+                    history=self.history, keep=self.keep, epoch_sums=list(self.epoch_sums),
                     data=identity() if identity is not None else None,
                 )
             except OutputError as e:
@@ -385,7 +384,7 @@ class Trainer:
         self.history = attrs["history"]
         sums = attrs.get("epoch_sums")
         if isinstance(sums, list) and len(sums) == 3 and self.step_in_epoch > 0:
-            self.epoch_sums = np.array(sums, dtype=float)
+            self.epoch_sums = [float(v) for v in sums]
         self.log(f"paranet: resumed from {path} at epoch {self.epoch + 1}, step {self.global_step} "
                  f"(written by {attrs['world_size']} rank{'s' if attrs['world_size'] != 1 else ''})")
 
@@ -576,7 +575,9 @@ class Trainer:
                 if not math.isfinite(loss_sum):
                     raise Stop(f"paranet: non-finite training loss ({loss_sum / max(count, 1)}) at step "
                                f"{self.global_step} (epoch {self.epoch + 1}); lower --lr", 1)
-                sums += (loss_sum, correct, count)
+                sums[0] += loss_sum
+                sums[1] += correct
+                sums[2] += count
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{sums[0] / sums[2]:.4f}", refresh=False)
@@ -617,7 +618,7 @@ class Trainer:
                 record["val_loss"], record["val_accuracy"] = self.evaluate(self.val_reader)
             self.history.append(record)
             if self.step_in_epoch >= steps_per_epoch:
-                self.epoch_sums = np.zeros(3)
+                self.epoch_sums = [0.0, 0.0, 0.0]
             val = (f"  val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:6.2f}%"
                    if "val_loss" in record else "")
             self.log(f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f}{val}  "
