@@ -569,12 +569,7 @@ class BatchReader:
                 x[a:b] = batch.x
                 ys[a] = batch.y
 
-        def fill_y(y):
-            if not ys:  # another rank filled x: read the labels here
-                for a in range(0, n, piece):
-                    b = min(n, a + piece)
-                    y[a:b] = self._make_batch(*self._read_rows(a, b - a), b - a, a).y
-                return
+        def fill_y(y):  # on the rank that filled x (shared_array's filler), from the same reads
             for a, part in ys.items():
                 y[a:a + len(part)] = part
 
