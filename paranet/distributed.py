@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .reproducible import SUMS, column_slices
+
 try:
     from mpi4py import MPI
 except ImportError:  # the same code then runs single-process
@@ -44,6 +46,7 @@ class World:
         if allreduce not in ALLREDUCE_CHOICES:
             raise ValueError(f"allreduce: expected one of {', '.join(ALLREDUCE_CHOICES)}, got {allreduce!r}")
         self._shm = None
+        self._partials = None  # partial_exchange()'s
         self._windows = []  # shared_array's windows
         self.allreduce_method = "mpi"
         self.nodes = 1
@@ -164,6 +167,21 @@ class World:
         self._shm = SharedMemoryAllreduce(self.comm, like.size, like.dtype)
         return self._shm.buffer
 
+    def partial_exchange(self):
+        """The exchange of the ordered reproducible sum (``paranet.reproducible``) for this
+        world: through shared memory when all ranks share one machine and ``allreduce`` is
+        shm, else by MPI; a plain one for a single process. Collective on first use."""
+        if self._partials is None:
+            from .reproducible import LocalPartials
+
+            if not self.distributed:
+                self._partials = LocalPartials()
+            elif self.allreduce_method == "shm" and self.nodes == 1:
+                self._partials = SharedPartials(self.node_comm, self._waited)
+            else:
+                self._partials = MpiPartials(self.comm, self._waited)
+        return self._partials
+
     def describe_allreduce(self):
         """One line for the log: how gradients are summed."""
         if not self.distributed:
@@ -219,6 +237,9 @@ class World:
         if self._shm is not None:
             self._shm.close()
             self._shm = None
+        if self._partials is not None and hasattr(self._partials, "close"):
+            self._partials.close()
+            self._partials = None
         for win in self._windows:
             win.Free()
         self._windows = []
@@ -400,6 +421,140 @@ class SharedMemoryAllreduce:
             self.node.Free()
 
 
+class SharedPartials:
+    """The ordered reproducible sum's exchange on one machine (``paranet.reproducible``).
+
+    One MPI-3 shared window holds a row per micro-shard of the global batch, and a row for the
+    sum; another, one row of integer slots per rank. A step:
+
+    1. each rank writes its micro-shards' partial gradients into their rows (``rows``) and its
+       slots, then ``gather``: barrier;
+    2. each rank adds its slice of the columns over all rows, in micro-shard order, into its
+       slice of the sum row (``ordered_sum``, reading the peers' rows directly), and adds the
+       slots of all ranks;
+    3. ``finish``: barrier; every rank reads the whole sum row.
+
+    The partials travel once, in the training dtype, and each rank sums 1/P of the columns: what
+    the plain path's ``SharedMemoryAllreduce`` does for one row a rank. Races are excluded as
+    there: rows and slots are read between the barriers of 1 and 3 only, and the sum only
+    after 3 and before the next step's 1. The windows grow (collectively: every rank asks for
+    the same sizes) when a batch has more micro-shards than any before.
+    """
+
+    def __init__(self, node_comm, waited):
+        self.node, self.waited = node_comm, waited
+        self.rank, self.local = node_comm.Get_rank(), node_comm.Get_size()
+        self._wins = []
+        self._shape = None  # (rows, columns, dtype, slots) the windows hold
+        self._k = self._n = 0
+
+    def _allocate(self, k, n, dtype, slots):
+        rows, cols, have_dtype, have_slots = self._shape or (0, 0, None, 0)
+        if k <= rows and n == cols and dtype == have_dtype and slots <= have_slots:
+            return
+        self.close()
+        item = dtype.itemsize
+        pitch = -(-n * item // 64) * 64 // item  # rows start on their own cache line
+        rows, slots = max(k, rows if n == cols else 0), max(slots, 64)
+        self._wins = [MPI.Win.Allocate_shared((rows + 1) * pitch * item if self.rank == 0 else 0, item, comm=self.node),
+                      MPI.Win.Allocate_shared(self.local * slots * 8 if self.rank == 0 else 0, 8, comm=self.node)]
+        for w in self._wins:
+            w.Lock_all(MPI.MODE_NOCHECK)
+        floats = np.frombuffer(self._wins[0].Shared_query(0)[0], dtype, count=(rows + 1) * pitch).reshape(rows + 1, pitch)
+        ints = np.frombuffer(self._wins[1].Shared_query(0)[0], np.int64, count=self.local * slots).reshape(self.local, slots)
+        self.parts, self.sum_row, self.slots = floats[:rows, :n], floats[rows, :n], ints
+        self._shape = (rows, n, dtype, slots)
+        lo, hi = column_slices(n, self.local)[self.rank]
+        self._mine = slice(lo, hi)
+        self.node.Barrier()
+
+    def rows(self, counts, n, dtype, slots=None):
+        """This rank's rows (``counts[rank]`` of them, after the lower ranks'), to write the values
+        of its tree nodes into; ``slots``: the integer slots a rank sends (default 4 + rows)."""
+        self._k = sum(counts)
+        self._allocate(self._k, n, np.dtype(dtype), slots or 4 + 2 * self._k)
+        first = sum(counts[:self.rank])
+        return self.parts[first:first + counts[self.rank]]
+
+    def _barrier(self):
+        for w in self._wins:
+            w.Sync()
+        self.waited("sum over the ranks", self.node.Barrier)
+        for w in self._wins:
+            w.Sync()
+
+    def gather(self, tail):
+        """After every rank's ``rows`` are written: (all rows' columns of this rank's slice,
+        its slice of the sum row, the ranks' ``tail`` slots summed)."""
+        self.slots[self.rank, :tail.size] = tail
+        self._barrier()
+        tails = self.slots[:, :tail.size].sum(axis=0)
+        return self.parts[:self._k, self._mine], self.sum_row[self._mine], tails
+
+    def finish(self):
+        """Once this rank's slice is summed: the whole sum (a view, valid until the next step)."""
+        self._barrier()
+        return self.sum_row
+
+    def close(self):
+        for w in self._wins:
+            w.Unlock_all()
+            w.Free()
+        self._wins, self._shape = [], None
+
+
+class MpiPartials:
+    """The ordered reproducible sum's exchange by MPI (several machines, or ``--allreduce mpi``):
+    MPI_Alltoallv hands every rank each micro-shard's partial for its slice of the columns,
+    in micro-shard order (the ranks' runs of micro-shards are in rank order); MPI_Allreduce
+    adds the integer slots; MPI_Allgatherv gathers the summed slices. The same additions of
+    the same numbers as ``SharedPartials``, so the same bits."""
+
+    def __init__(self, comm, waited):
+        self.comm, self.waited = comm, waited
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self._key = None
+
+    def rows(self, counts, n, dtype):
+        dtype = np.dtype(dtype)
+        key = (tuple(counts), n, dtype)
+        if key != self._key:
+            count, k = counts[self.rank], sum(counts)
+            starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+            slices = column_slices(n, self.size)
+            lo, hi = slices[self.rank]
+            w = hi - lo
+            self._local = np.empty((count, n), dtype)
+            self._send = np.empty(count * n, dtype)
+            self._recv = np.empty((k, w), dtype)
+            self._sum = np.empty(n, dtype)
+            self._slices = slices
+            self._sendspec = ([count * (b - a) for a, b in slices], [count * a for a, _ in slices])
+            self._recvspec = ([c * w for c in counts], [int(f) * w for f in starts[:-1]])
+            self._gatherspec = ([b - a for a, b in slices], [a for a, _ in slices])
+            self._mine = slice(lo, hi)
+            self._count = count
+            self._key = key
+        return self._local
+
+    def gather(self, tail):
+        c = self._count
+        for a, b in self._slices:  # pack: destination j's columns of every partial, together
+            self._send[c * a:c * b].reshape(c, b - a)[...] = self._local[:, a:b]
+        self.waited("sum over the ranks", self.comm.Alltoallv, [self._send, self._sendspec],
+                    [self._recv.reshape(-1), self._recvspec])
+        tails = tail.copy()
+        self.waited("sum over the ranks", self.comm.Allreduce, MPI.IN_PLACE, tails, op=MPI.SUM)
+        return self._recv, self._sum[self._mine], tails
+
+    def finish(self):
+        self.waited("sum over the ranks", self.comm.Allgatherv, MPI.IN_PLACE, [self._sum, self._gatherspec])
+        return self._sum
+
+    def close(self):
+        pass
+
+
 def broadcast_parameters(params, world, root=0):
     """Make every replica start from root's parameters."""
     world.broadcast(params.values, root)
@@ -435,7 +590,10 @@ class DistributedOptimizer:
     Args:
         optimizer: any paranet optimizer (``GradientDescentOptimizer``, ``AdamOptimizer`` ...).
         world: the World to sum over; default: the one ``init()`` made (made on first use).
-        reproducible: the same bits at any number of ranks (see ``paranet.reproducible``).
+        reproducible: the same bits at any number of ranks (see ``paranet.reproducible``):
+            True or "ordered" (the partial gradients of fixed micro-shards added in a fixed
+            order), or "exact" (added exactly, in fixed point: the correctly rounded sum, at a
+            higher cost).
     """
 
     def __init__(self, optimizer, world=None, reproducible=False):
@@ -445,7 +603,11 @@ class DistributedOptimizer:
             raise TypeError(f"DistributedOptimizer: expected a paranet optimizer, got {optimizer!r}")
         self.optimizer = optimizer
         self.world = world if world is not None else default_world()
+        if reproducible not in (False, True, None, *SUMS):
+            raise ValueError(f"DistributedOptimizer: reproducible must be True, False, or one of {', '.join(SUMS)}; "
+                             f"got {reproducible!r}")
         self.reproducible = bool(reproducible)
+        self.reproducible_sum = (SUMS[0] if reproducible is True else reproducible) if reproducible else None
         self.loss = optimizer.loss
         self.comm_seconds = 0.0  # time spent in the gradient sum, for the comm share
         self.timeline = None  # a paranet.timeline.Timeline to record allreduce and update spans on
@@ -455,7 +617,7 @@ class DistributedOptimizer:
         self._params = None  # the Parameters whose gradient storage the world reduces
         self._synced = None  # the Parameters last made equal to rank 0's
         self._views = {}  # id(array) -> (array, its gradient part, its tail), see _split
-        # reproducible: Session.run hands the whole step to run_step (micro-shards, exact sum)
+        # reproducible: Session.run hands the whole step to run_step (micro-shards, the reproducible sum)
         self.run_step = self._run_reproducible if self.reproducible else None
         self._micro = None  # the paranet.reproducible.MicroShardSteps of this rank
         if self.reproducible:
@@ -559,13 +721,16 @@ class DistributedOptimizer:
     # -- reproducible: the same bits at any number of ranks (paranet/reproducible.py) ----------
 
     def micro_steps(self):
-        """This rank's MicroShardSteps, made on first use; its int64 buffer is summed in shared
-        memory or by MPI_Allreduce like the gradients, the scale agreed by one MAX allreduce."""
+        """This rank's MicroShardSteps, made on first use: the ordered sum goes through the
+        world's ``partial_exchange()``; the exact sum's int64 buffer is summed in shared memory
+        or by MPI_Allreduce like the gradients, its scale agreed by one MAX allreduce."""
         if self._micro is None:
             from .reproducible import MicroShardSteps
 
             w = self.world
-            self._micro = MicroShardSteps(w.rank, w.size, w.sum_over_ranks, w.max, buffer=w.shared_buffer)
+            partials = w.partial_exchange() if self.reproducible_sum == "ordered" else None
+            self._micro = MicroShardSteps(w.rank, w.size, w.sum_over_ranks, w.max, buffer=w.shared_buffer,
+                                          partials=partials)
         return self._micro
 
     def reproducible_step(self, session, plan, feed, total, metric=None, stop=0):
@@ -574,11 +739,11 @@ class DistributedOptimizer:
         and the wrapped optimizer's update with the mean; returns the step's StepSums."""
         micro = self.micro_steps()
         comm0 = micro.comm_seconds
-        grad_sum, count, loss_sum, correct, stop_total = micro.step(
+        grad_sum, scale, count, loss_sum, correct, stop_total = micro.step(
             session, plan, feed, total, step=self.optimizer.steps + 1, metric=metric, stop=stop)
         self.comm_seconds += micro.comm_seconds - comm0
         t1 = _now()
-        self.grad_scale = 1.0 / count  # grad_sum is summed over the batch's rows
+        self.grad_scale = scale  # grad_sum * scale is the mean gradient
         self.last_sum = grad_sum
         self.optimizer.apply_gradients(plan.params, self.grad_scale, grads=grad_sum)
         if self.timeline is not None:

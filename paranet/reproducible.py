@@ -1,4 +1,4 @@
-"""Bit-for-bit reproducible data parallelism: fixed micro-shards and an exact sum.
+"""Bit-for-bit reproducible data parallelism: fixed micro-shards and a sum fixed by them.
 
 The same seed, global batch and flags give the same bits at any number of ranks when two
 things hold (issue 12):
@@ -9,15 +9,24 @@ things hold (issue 12):
    computed alone, by its own forward and backward over exactly its rows, so its bits do not
    depend on which rank holds it. (A row's GEMM result does depend on how many rows the GEMM
    holds, and on the BLAS thread count: see ``bench/reproducible.py --gemm-check``.)
-2. **The partials are combined by an exact sum.** ``FixedPoint`` turns each partial, weighted
-   by its row count, into int64 multiples of 2**-bits at a scale every rank agrees on (one
-   small MAX allreduce of the partials' largest exponent), sums them in int64, which is
-   associative, and the ranks add their int64 sums (MPI_Allreduce or the shared-memory sum,
-   both exact on integers). Each partial is rounded once onto the grid, a rounding that does
-   not depend on P; the sums are exact; the result is rounded once back to floats.
+2. **The partials are combined by a sum that P does not change.** Two are offered:
 
-A value the representation cannot hold (NaN, infinity) raises ``ExactSumError`` naming the
-step; the scale is chosen so that no sum can overflow int64 (bound: rows x 2**exponent).
+   - ``"ordered"`` (the default): the sum in micro-shard order, pairwise, in the training
+     dtype (``ordered_sum``). The ranks exchange their partials so that each holds every
+     micro-shard's partial for a slice of the columns (memory shared by the ranks of a
+     machine, or MPI_Alltoallv), sums its slice, and the slices are gathered: every element
+     is the same sequence of additions at any P. It costs about what the plain float sum
+     does, and its rounding is that of a float sum (at most ceil(log2 k) additions).
+   - ``"exact"``: ``FixedPoint`` turns each partial, weighted by its row count, into int64
+     multiples of 2**-bits at a scale every rank agrees on (one small MAX allreduce of the
+     partials' largest exponent), sums them in int64, which is associative, and the ranks add
+     their int64 sums (MPI_Allreduce or the shared-memory sum, both exact on integers). Each
+     partial is rounded once onto the grid, a rounding that does not depend on P; the sums
+     are exact; the result is rounded once back to floats: the correctly rounded sum, at
+     about 0.4 ns an element and partial more than the ordered one.
+
+A value the representation cannot hold (NaN, infinity, a sum beyond the dtype's range)
+raises ``ExactSumError`` naming the step and the micro-shard.
 
 The module is numpy only: the caller passes the collectives (``paranet.distributed`` does).
 """
@@ -26,7 +35,8 @@ import time
 
 import numpy as np
 
-MICRO_MIN, MICRO_MAX = 64, 128  # micro-shard rows: see micro_size
+MICRO_MIN, MICRO_MAX = 32, 128  # micro-shard rows: see micro_size
+SUMS = ("ordered", "exact")  # how the partials are combined (see the module's docstring)
 # Codes of exponent_of besides a real exponent: every partial is zero, or some is not finite.
 ZERO = -(1 << 40)
 NONFINITE = 1 << 50
@@ -54,6 +64,13 @@ def micro_size(n_global):
     micro-shards are correct but idle."""
     want = max(1, int(n_global) // 8)
     return min(MICRO_MAX, max(MICRO_MIN, 1 << (want.bit_length() - 1)))
+
+
+def micro_shard_ranges(n_global, size, micro):
+    """(first micro-shard, count) of every rank 0..size-1: the ranks' runs, in order."""
+    k = num_micro_shards(n_global, micro)
+    base, extra = divmod(k, size)
+    return [(r * base + min(r, extra), base + (r < extra)) for r in range(size)]
 
 
 def num_micro_shards(n_global, micro):
@@ -275,6 +292,110 @@ def exact_sum(arrays, weights=None, dtype=None):
     return fp.to_float(fp.acc, np.empty(n, dtype))
 
 
+# -- the ordered sum ------------------------------------------------------------------------
+
+ALIGN = 16  # column slices start on a multiple of 16 elements (64 bytes in float32)
+
+
+def column_slices(n, parts):
+    """[lo, hi) of ``parts`` slices of n columns, equal but for the last, each starting on a
+    multiple of ALIGN elements (empty slices at the end when n is small)."""
+    per = -(-max(int(n), 1) // parts)
+    per = -(-per // ALIGN) * ALIGN
+    return [(min(i * per, n), min((i + 1) * per, n)) for i in range(parts)]
+
+
+def sum_tree_root(k):
+    """The level of the sum tree's root over k leaves: the smallest L with 2**L >= k."""
+    return max(0, int(k) - 1).bit_length()
+
+
+def tree_nodes(first, count, k):
+    """The nodes of the sum tree over k micro-shards that a run of micro-shards first ..
+    first + count - 1 adds up alone, left to right, as (level, index) pairs.
+
+    The tree: node (0, j) is micro-shard j; node (l, j) covers micro-shards j * 2**l up to
+    (j + 1) * 2**l - 1 (clipped at k) and is node (l-1, 2j) + node (l-1, 2j+1), or node
+    (l-1, 2j) alone when the right one starts at k or later. That is pairwise summation:
+    (0+1), (2+3), ..., then pairs of those, the odd last carried up. A run's nodes are what
+    merging each micro-shard with its left sibling, as soon as both are there, leaves."""
+    stack = []
+    for leaf in range(first, first + count):
+        level, j = 0, leaf
+        while j % 2 == 1 and stack and stack[-1] == (level, j - 1):
+            stack.pop()
+            level, j = level + 1, j // 2
+        stack.append((level, j))
+    return stack
+
+
+def tree_sum(nodes, rows, k, out, scratch=None):
+    """out = the sum tree's root over k micro-shards (see ``tree_nodes``), given the values of
+    ``nodes`` (a cover of the micro-shards by tree nodes, left to right) in ``rows`` (one row
+    each, any strides). The additions are those of the tree whatever the cover, so the result
+    is the same bits for any cut of the micro-shards into runs. ``scratch``: at least
+    2 * sum_tree_root(k) rows as wide as ``out``."""
+    given = {node: i for i, node in enumerate(nodes)}
+    top = sum_tree_root(k)
+    if scratch is None or scratch.shape[0] < 2 * top:
+        scratch = np.empty((2 * top, out.shape[0]), out.dtype)
+
+    def value(level, j, dest):
+        i = given.get((level, j))
+        if i is not None:
+            return rows[i]
+        if level == 0:
+            raise ValueError(f"tree_sum: micro-shard {j} of {k} is in no node given")
+        if (2 * j + 1) << (level - 1) >= k:  # no right child: the left one carried up
+            return value(level - 1, 2 * j, dest)
+        left = value(level - 1, 2 * j, scratch[2 * (level - 1)])
+        right = value(level - 1, 2 * j + 1, scratch[2 * (level - 1) + 1])
+        return np.add(left, right, out=dest)
+
+    if k == 0:
+        out[...] = 0
+        return out
+    root = value(top, 0, out)
+    if root is not out:
+        np.copyto(out, root)
+    return out
+
+
+def ordered_sum(rows, out, scratch=None):
+    """out = the sum tree's root over the k rows of ``rows`` (k x w): ``tree_sum`` with every
+    micro-shard given alone (the reference the tests hold the cut-up sums to)."""
+    return tree_sum([(0, j) for j in range(rows.shape[0])], rows, rows.shape[0], out, scratch)
+
+
+class LocalPartials:
+    """The ordered sum's exchange for one process: the rows it ships are all the rows."""
+
+    def __init__(self):
+        self._rows = np.empty((0, 0))
+        self._sum = None
+        self._k = 0
+
+    def rows(self, counts, n, dtype):
+        """A (counts[rank], n) array for the values of this rank's tree nodes (``tree_nodes``);
+        ``counts``: how many each rank ships."""
+        k = sum(counts)
+        dtype = np.dtype(dtype)
+        if self._rows.shape[0] < k or self._rows.shape[1] != n or self._rows.dtype != dtype:
+            self._rows = np.empty((max(k, 1), n), dtype)
+            self._sum = np.empty(n, dtype)
+        self._k = k
+        return self._rows[:k]
+
+    def gather(self, tail):
+        """After every rank's rows are written: (all ranks' rows, their columns of this rank's
+        slice, in rank order; where this slice's sum goes; the ranks' ``tail`` slots summed)."""
+        return self._rows[:self._k], self._sum, tail
+
+    def finish(self):
+        """The whole sum, once every slice's is written."""
+        return self._sum
+
+
 # -- reproducible steps and evaluation -------------------------------------------------------
 
 def one_blas_thread():
@@ -297,6 +418,18 @@ def _floats(bits):
     return np.ascontiguousarray(bits, np.int64).view(np.float64)
 
 
+def _all_finite(a):
+    """True when every element of ``a`` is finite: one BLAS dot (a sum of squares is finite only
+    when every element is), and the element-wise test only when the dot overflowed."""
+    if a.size == 0:
+        return True
+    flat = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.vdot(flat, flat)):
+            return True
+        return bool(np.isfinite(flat).all())
+
+
 def fsum_or_nan(values):
     """math.fsum of ``values``, or their plain sum when one is NaN or infinite (so the caller sees it)."""
     values = [float(v) for v in values]
@@ -309,13 +442,20 @@ class MicroShardSteps:
     """One rank's side of reproducible training steps and evaluation (numpy only: the caller
     passes the collectives).
 
-    ``step`` runs forward and backward on each of this rank's micro-shards alone, keeps each
-    partial gradient, agrees a fixed-point scale with the other ranks (``max_over_ranks`` of
-    one int64: the largest exponent), converts and adds the partials in int64 (``FixedPoint``)
-    and sums over the ranks in int64 (``sum_over_ranks``). The same int64 buffer carries the
-    step's sample count, correct predictions and stop requests (integers: exact), and each
-    micro-shard's loss sum as the bits of a float64 in a slot only its owner writes (others
-    write 0, and x + 0 = x in any order); every rank then adds the slots with math.fsum.
+    ``step`` runs forward and backward on each of this rank's micro-shards alone and keeps each
+    partial gradient; then the partials of all ranks are combined by one of the two sums (see
+    the module's docstring):
+
+    - ordered (``partials`` given): each partial, weighted by its rows / m, goes into a row of
+      ``partials`` (the exchange), which hands this rank every micro-shard's partial for its
+      slice of the columns; ``ordered_sum`` adds them; the exchange gathers the slices.
+    - exact: a fixed-point scale is agreed with the other ranks (``max_over_ranks`` of one
+      int64: the largest exponent), the partials are converted and added in int64
+      (``FixedPoint``) and summed over the ranks in int64 (``sum_over_ranks``).
+
+    The step's sample count, correct predictions and stop requests travel as integers (exact),
+    and each micro-shard's loss sum as the bits of a float64 in a slot only its owner writes
+    (others write 0, and x + 0 = x in any order); every rank then adds the slots with math.fsum.
 
     Args:
         rank, size: this rank and the number of ranks.
@@ -324,20 +464,28 @@ class MicroShardSteps:
         buffer: f(like) -> a zeroed int64 buffer shaped like ``like`` that ``sum_over_ranks``
             sums (e.g. memory shared by the ranks of a machine); default np.zeros_like.
         micro: rows per micro-shard; default ``micro_size(n_global)`` per batch.
+        partials: the ordered sum's exchange (``LocalPartials``, or
+            ``paranet.distributed``'s shared-memory and MPI ones); None: the exact sum.
     """
 
-    COUNT, STOP, CORRECT, TAIL = 0, 1, 2, 3  # integer slots after the gradient words; loss slots follow
+    COUNT, STOP, CORRECT, TAIL = 0, 1, 2, 3  # integer slots of the tail; loss slots follow
 
-    def __init__(self, rank, size, sum_over_ranks, max_over_ranks, buffer=None, micro=None):
+    def __init__(self, rank, size, sum_over_ranks, max_over_ranks, buffer=None, micro=None, partials=None):
         self.rank, self.size = int(rank), int(size)
         self.sum_over_ranks, self.max_over_ranks = sum_over_ranks, max_over_ranks
         self.new_buffer = buffer or np.zeros_like
         self.micro = micro
-        self.fixed = None  # FixedPoint over this rank's part of the int64 buffer
+        self.partials = partials
+        self.sum_name = "exact" if partials is None else "ordered"
+        self.fixed = None  # exact: FixedPoint over this rank's part of the int64 buffer
         self._buf = None
-        self._stash = None  # (micro-shards, parameters): this rank's partial gradients of a step
-        self._grad_sum = None  # the gradient summed over the batch's rows, handed to the optimizer
-        self.comm_seconds = 0.0  # time in the two collectives of step()
+        self._stash = None  # exact: (micro-shards, parameters): this rank's partial gradients of a step
+        self._grad_sum = None  # exact: the gradient summed over the batch's rows, handed to the optimizer
+        self._tail = np.zeros(0, np.int64)  # ordered: this rank's integer slots
+        self._scratch = None  # ordered: tree_sum's levels
+        self._spare = None  # ordered: arrays for tree nodes this rank does not ship
+        self._tree_key = self._tree = None  # ordered: _plan_tree's
+        self.comm_seconds = 0.0  # time in the collectives of step()
 
     def micro_for(self, n_global):
         return self.micro or micro_size(n_global)
@@ -363,8 +511,30 @@ class MicroShardSteps:
             self._grad_sum = np.empty(params.size, params.dtype)
         return self._buf
 
+    def _micro_shards(self, session, plan, feed, n_global, micro, begin, ks, tail, keep, metric):
+        """Forward and backward on each micro-shard ``ks`` alone; ``keep(i, count)`` stores the
+        i-th one's partial from ``plan.params.grads``; its loss sum goes to tail[TAIL + k].
+        Returns the correct predictions (``metric``)."""
+        loss = plan.order[-1]
+        n_local = len(feed[loss.root])
+        cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
+        correct = 0
+        for i, k in enumerate(ks):
+            lo, count = micro_shard(n_global, micro, k)
+            a = lo - begin
+            sub = dict(feed)
+            for ph in cut:
+                sub[ph] = feed[ph][a:a + count]
+            session.forward(plan, sub)
+            session.backward(plan)
+            keep(i, count)
+            tail[self.TAIL + k] = _float_bits(float(loss.value) * count)
+            if metric is not None:
+                correct += int(metric(slice(a, a + count)))
+        return correct
+
     def step(self, session, plan, feed, n_global, *, step=None, metric=None, stop=0):
-        """Forward, backward and the exact gradient sum of one global batch.
+        """Forward, backward and the reproducible gradient sum of one global batch.
 
         Args:
             session, plan: the Session and the Plan of the loss (``session.plan(loss)``).
@@ -376,19 +546,115 @@ class MicroShardSteps:
                 forward (the trainer counts correct predictions).
             stop: this rank's stop requests, a multiple of 1/1024 (the trainer's flags), summed over ranks.
         Returns:
-            (gradient, count, loss_sum, correct, stop) over all ranks: the gradient summed over
-            the batch's rows (sum of rows x micro-shard mean; divide by count for the mean),
-            valid until the next step.
+            (gradient, scale, count, loss_sum, correct, stop) over all ranks: gradient * scale is
+            the mean gradient over the batch's rows; gradient is valid until the next step.
         Raises:
-            ExactSumError: a partial gradient holds a NaN or infinity (on every rank).
+            ExactSumError: a partial gradient holds a NaN or infinity, or the sum overflows
+                (on every rank).
         """
-        params = plan.params
-        loss = plan.order[-1]
-        root = getattr(loss, "root", None)
-        n_local = len(feed[root]) if root is not None and root in feed else None
-        if n_local is None:
+        root = getattr(plan.order[-1], "root", None)
+        if root is None or root not in feed:
             raise ValueError("reproducible step: the loss's input placeholder must be fed")
+        n_local = len(feed[root])
         micro, begin, ks = self.rows(n_global, n_local)
+        if self.partials is not None:
+            return self._step_ordered(session, plan, feed, n_global, micro, begin, ks, step, metric, stop)
+        return self._step_exact(session, plan, feed, n_global, micro, begin, ks, step, metric, stop)
+
+    def _plan_tree(self, n_global, micro):
+        """(every rank's tree nodes, left to right, as one list; how many each rank ships; this
+        rank's nodes; its first micro-shard) for a batch of n_global rows: cached per batch size."""
+        key = (n_global, micro)
+        if self._tree_key != key:
+            k = num_micro_shards(n_global, micro)
+            per_rank = [tree_nodes(first, count, k) for first, count in micro_shard_ranges(n_global, self.size, micro)]
+            first = micro_shard_ranges(n_global, self.size, micro)[self.rank][0]
+            self._tree = ([n for nodes in per_rank for n in nodes], [len(n) for n in per_rank], per_rank[self.rank], first)
+            self._tree_key = key
+        return self._tree
+
+    def _step_ordered(self, session, plan, feed, n_global, micro, begin, ks, step, metric, stop):
+        params = plan.params
+        total_k = num_micro_shards(n_global, micro)
+        nodes, counts, mine, first = self._plan_tree(n_global, micro)
+        ship = self.partials.rows(counts, params.size, params.dtype)  # this rank's nodes' values go here
+        home = {j << level: row for row, (level, j) in zip(ship, mine)}  # a node's start -> its row (one view each)
+        if self._tail.size != self.TAIL + total_k:
+            self._tail = np.zeros(self.TAIL + total_k, np.int64)
+        tail = self._tail
+        tail[...] = 0
+        if self._spare is None or self._spare[0].shape != (params.size,) or self._spare[0].dtype != params.dtype:
+            self._spare = [np.empty(params.size, params.dtype) for _ in range(sum_tree_root(total_k) + 2)]
+        free = list(self._spare)  # arrays for nodes not (yet) in a row of ``ship``
+        stack = []  # (level, index, array) of the nodes summed so far, left to right
+
+        def keep(i, count):
+            # this micro-shard's partial, weighted by rows / m (exact in binary: m is a power of
+            # two), merged with its left sibling as soon as both are there: the tree's additions
+            value = params.grads
+            if count != micro:
+                value = np.multiply(params.grads, params.dtype.type(count / micro), out=free.pop())
+            level, j = 0, first + i
+            while j % 2 == 1 and stack and stack[-1][:2] == (level, j - 1):
+                left = stack.pop()[2]
+                np.add(left, value, out=left)  # the sum lives where its left half did
+                if value is not params.grads:
+                    free.append(value)
+                value, level, j = left, level + 1, j // 2
+            row = home.get(j << level)
+            if row is not None and value is not row:  # a node this rank ships: into its row
+                np.copyto(row, value)
+                if value is not params.grads:
+                    free.append(value)
+                value = row
+            elif value is params.grads:  # a node merged later: out of the gradient buffer
+                value = np.copyto(free[-1], value) or free.pop()
+            stack.append((level, j, value))
+
+        correct = self._micro_shards(session, plan, feed, n_global, micro, begin, ks, tail, keep, metric)
+        tail[self.COUNT], tail[self.STOP], tail[self.CORRECT] = len(feed[plan.order[-1].root]), round(stop * STOP_UNIT), correct
+        t0 = time.perf_counter()
+        columns, out, tails = self.partials.gather(tail)
+        top = sum_tree_root(total_k)
+        if self._scratch is None or self._scratch.shape[0] < 2 * top or self._scratch.shape[1] < out.size \
+                or self._scratch.dtype != out.dtype:
+            self._scratch = np.empty((2 * top, out.size), out.dtype)
+        tree_sum(nodes, columns, total_k, out, self._scratch[:, :out.size])
+        summed = self.partials.finish()
+        self.comm_seconds += time.perf_counter() - t0
+        count, stop_total, correct_total = (int(v) for v in tails[:self.TAIL])
+        if count != n_global:
+            raise RuntimeError(f"ranks disagree on the global batch: {count} rows summed, {n_global} expected")
+        losses = _floats(tails[self.TAIL:self.TAIL + total_k])
+        if not _all_finite(summed):  # every rank holds the same sum: all of them come here
+            self._name_non_finite(losses, nodes, columns, n_global, micro, step, summed.dtype)
+        return summed, micro / n_global, count, fsum_or_nan(losses), correct_total, stop_total / STOP_UNIT
+
+    def _name_non_finite(self, losses, nodes, columns, n_global, micro, step, dtype):
+        """Raise ExactSumError naming the first micro-shard whose loss is not finite (the same
+        on every rank: all hold every loss), else the first tree node whose partial sum holds
+        a NaN or infinity (a MAX over the ranks of each one's first), else the overflow."""
+        at = f" at step {step}" if step is not None else ""
+        bad = [k for k, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            lo, count = micro_shard(n_global, micro, bad[0])
+            raise ExactSumError(f"non-finite gradient{at}: micro-shard {bad[0]} (rows {lo}..{lo + count - 1} of the "
+                                f"global batch of {n_global}) has a NaN or infinite loss; lower the learning rate or "
+                                f"check the data")
+        first = next((q for q in range(len(nodes)) if not _all_finite(columns[q])), len(nodes))
+        first = len(nodes) - int(self.max_over_ranks(len(nodes) - first))  # the smallest over the ranks
+        if first < len(nodes):
+            level, j = nodes[first]
+            lo = (j << level) * micro
+            hi = min(((j + 1) << level) * micro, n_global)
+            raise ExactSumError(f"non-finite gradient{at}: the partial gradients of rows {lo}..{hi - 1} of the global "
+                                f"batch of {n_global} hold a NaN or infinity; lower the learning rate or check the data")
+        raise ExactSumError(f"gradient sum{at}: a sum exceeds the largest {dtype} ({np.finfo(dtype).max:.3g}) "
+                            f"and cannot be held; lower the learning rate or check the data")
+
+    def _step_exact(self, session, plan, feed, n_global, micro, begin, ks, step, metric, stop):
+        params = plan.params
+        n_local = len(feed[plan.order[-1].root])
         total_k = num_micro_shards(n_global, micro)
         buf = self._buffers(params, total_k)
         nw = self.fixed.words * params.size
@@ -397,21 +663,12 @@ class MicroShardSteps:
             self._stash = np.empty((max(len(ks) - 1, 1), params.size), params.dtype)
         tail = buf[nw:]
         tail[...] = 0
-        cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
-        correct = 0
-        for i, k in enumerate(ks):
-            lo, count = micro_shard(n_global, micro, k)
-            a = lo - begin
-            sub = dict(feed)
-            for ph in cut:
-                sub[ph] = feed[ph][a:a + count]
-            session.forward(plan, sub)
-            session.backward(plan)
-            if i < len(ks) - 1:  # the last partial stays where backward left it
+
+        def keep(i, count):  # the last partial stays where backward left it
+            if i < len(ks) - 1:
                 np.copyto(self._stash[i], params.grads)
-            tail[self.TAIL + k] = _float_bits(float(loss.value) * count)
-            if metric is not None:
-                correct += int(metric(slice(a, a + count)))
+
+        correct = self._micro_shards(session, plan, feed, n_global, micro, begin, ks, tail, keep, metric)
         partials = [self._stash[i] for i in range(len(ks) - 1)] + [params.grads] * bool(ks)
         code = exponent_of([self._stash[:len(ks) - 1], params.grads] if ks else [])  # one max, one min each
         if code >= NONFINITE:  # which partial: look again one by one
@@ -448,7 +705,7 @@ class MicroShardSteps:
             fp.to_float(summed[:nw], self._grad_sum)
         except ExactSumError as e:
             raise ExactSumError(f"gradient sum at step {step}: {e}") from None
-        return self._grad_sum, count, loss_sum, correct_total, stop_total
+        return self._grad_sum, 1.0 / count, count, loss_sum, correct_total, stop_total
 
     def evaluate(self, session, loss, batches, feed_of, metric=None, allreduce=None):
         """(count, loss sum, correct) over batches of a split, each rank its micro-shards.
