@@ -118,8 +118,11 @@ def build_parser():
                         "training dtype, so that a step's read is a view (one copy per machine); auto when it "
                         "takes at most a quarter of the available memory; off reads one hyperslab a rank "
                         "each step (for files larger than memory)")
-    p.add_argument("--reproducible", action="store_true",
-                   help="the same bits at any number of ranks at a cost (see the README's 'Bit-for-bit the same result at any number of ranks')")
+    p.add_argument("--reproducible", nargs="?", const="ordered", default=None, choices=["ordered", "exact"],
+                   help="the same bits at any number of ranks: the batch is cut into fixed micro-shards whose "
+                        "gradients are added in a fixed order (ordered, the default: a few %% slower) or exactly "
+                        "(exact: the correctly rounded sum, slower); see the README's 'Bit-for-bit the same "
+                        "result at any number of ranks'")
     return p
 
 
@@ -284,7 +287,7 @@ def run(args, world):
         checkpoint=args.checkpoint, resume=args.resume, metrics=args.metrics, save_params=args.save_params,
         timeline=args.timeline, timeline_steps=args.timeline_steps, check_replicas=args.check_replicas,
         callbacks=build_callbacks(args), prefetch=args.prefetch, flags=flags_of(args), plot=args.plot,
-        reproducible=args.reproducible, data_in_memory=args.data_in_memory, keep=args.keep, stall_timeout=args.stall_timeout,
+        reproducible=args.reproducible or False, data_in_memory=args.data_in_memory, keep=args.keep, stall_timeout=args.stall_timeout,
         checkpoint_every=args.checkpoint_every[1] if args.checkpoint_every and args.checkpoint_every[0] == "steps" else None,
         checkpoint_minutes=args.checkpoint_every[1] if args.checkpoint_every and args.checkpoint_every[0] == "minutes" else None,
     )

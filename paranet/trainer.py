@@ -119,7 +119,8 @@ class Trainer:
         verbose: rank 0 prints the header and a line per epoch.
         prefetch: read the next batch in a background thread.
         flags: a dict recorded in checkpoints and metrics (the command line's).
-        reproducible: passed to the DistributedOptimizer (bit-identical results at any P).
+        reproducible: passed to the DistributedOptimizer (bit-identical results at any P):
+            True or "ordered", or "exact".
         checkpoint_every: also write the checkpoint every this many steps.
         checkpoint_minutes: also write it when this many minutes passed since the last one
             (rank 0's clock decides; the request travels in the next step's gradient sum).
@@ -276,8 +277,8 @@ class Trainer:
         return self.optimizer.reduce_and_apply(params, batch.n_local, loss_sum, correct, stop, total=batch.n_global)
 
     def _reproducible_step(self, batch):
-        """step() with reproducible=True: forward and backward per micro-shard inside the
-        optimizer, the gradients summed exactly (paranet.reproducible)."""
+        """step() with reproducible: forward and backward per micro-shard inside the optimizer,
+        the gradients summed in a way the rank count does not change (paranet.reproducible)."""
         from .reproducible import ExactSumError
 
         m, y = self.model, batch.y
@@ -305,7 +306,7 @@ class Trainer:
     def evaluate(self, reader):
         """(mean loss, accuracy) over a whole split, each rank evaluating its shard."""
         m = self.model
-        if self.optimizer.reproducible:  # per micro-shard, the loss sums added exactly (paranet.reproducible)
+        if self.optimizer.reproducible:  # per micro-shard, the loss sums added with math.fsum (paranet.reproducible)
             count, loss_sum, correct = self.optimizer.micro_steps().evaluate(
                 self.session, m.loss, reader.epoch(0), lambda b, rows: {m.x: m.input(b.x[rows]), m.y: b.y[rows]},
                 metric=lambda b, rows: _correct(m.output.value, b.y[rows]), allreduce=self.world.allreduce)
@@ -501,7 +502,7 @@ class Trainer:
             m = micro_size(b)
             k = num_micro_shards(b, m)
             idle = f", {w.size - k} rank{'s' if w.size - k != 1 else ''} idle" if k < w.size else ""
-            return (f"--reproducible: {k} micro-shard{'s' if k != 1 else ''} of {m} rows "
+            return (f"--reproducible {self.optimizer.reproducible_sum}: {k} micro-shard{'s' if k != 1 else ''} of {m} rows "
                     f"over {w.size} rank{'s' if w.size != 1 else ''}{idle}")
         return f"{b // w.size}{'+' if b % w.size else ''} per rank"
 
