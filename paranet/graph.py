@@ -44,6 +44,11 @@ class Node:
     """
 
     value = None  # the array computed by the last forward pass
+    # Grouped passes (Session.forward's ``groups``): an op that can run G equal micro-shards
+    # stacked, each one's result the bits it would have alone whatever G, sets ``groupable``;
+    # Session sets ``groups`` to G during such a pass and to None otherwise.
+    groupable = False
+    groups = None
 
     def __init__(self, *inputs, name=None):
         for node in inputs:
@@ -221,6 +226,11 @@ class Parameters:
             v.grad = self.grads[self.offsets[i] : self.offsets[i + 1]].reshape(v.shape)
         return storage
 
+    def group_view(self, variable, rows):
+        """``variable``'s part of every row of ``rows`` (G x size, the flat layout), as (G, *shape)."""
+        i = self.variables.index(variable)
+        return rows[:, self.offsets[i]:self.offsets[i + 1]].reshape(rows.shape[0], *variable.shape)
+
     def named(self):
         """(name, Variable) pairs in buffer order."""
         return [(v.name, v) for v in self.variables]
@@ -296,6 +306,9 @@ class Plan:
             self.routes.append((op, kinds))
         self.unreached = [v for v in self.variables if id(v) not in reached]
         self.backward_key = self.backward_calls = None  # Session.backward's lookups, per feed shape
+        # every op can run grouped and works on rows of the batch (a Variable feeds an op
+        # directly, never through an op of its own): then Session.forward(groups=G) applies
+        self.groupable = bool(self.ops) and all(op.groupable and op.root is not None for op in self.ops)
         self.params = None  # the Parameters packing ``variables``, set by Session.plan
 
 
@@ -386,8 +399,16 @@ class Session:
                     results[id(f)] = _copy_out(f.value)
         return [results[id(f)] for f in fetches]
 
-    def forward(self, plan, feed_dict):
-        """Feed the placeholders and evaluate every op of ``plan`` in order."""
+    def forward(self, plan, feed_dict, groups=None):
+        """Feed the placeholders and evaluate every op of ``plan`` in order.
+
+        ``groups``: the fed rows are G equal micro-shards, evaluated stacked (one GEMM call a
+        layer for all of them, each micro-shard's rows computed as if alone): the loss's value
+        is then one number a micro-shard. Only for a ``plan.groupable`` plan."""
+        if groups is not None and not plan.groupable:
+            raise GraphError(f"{plan.order[-1]!r}: its graph cannot run micro-shards stacked (an op is not groupable)")
+        for op in plan.ops:
+            op.groups = groups
         for ph in plan.placeholders:
             if ph not in feed_dict:
                 raise GraphError(
@@ -397,22 +418,33 @@ class Session:
         for op, inputs in plan.forward_calls:
             op.value = op.forward(*[n.value for n in inputs])
 
-    def backward(self, plan):
-        """Backpropagate from the scalar last node of ``plan`` into the Variables' ``grad``."""
+    def backward(self, plan, into=None):
+        """Backpropagate from the scalar last node of ``plan`` into the Variables' ``grad``.
+
+        After a grouped forward (G micro-shards), ``into`` is a (G, parameters) array: row i
+        receives micro-shard i's gradient (in the flat buffer's layout), the Variables' ``grad``
+        is left alone."""
         out_node = plan.order[-1]
-        if np.size(out_node.value) != 1:
+        groups = plan.ops[-1].groups if plan.ops else None
+        if groups is None and np.size(out_node.value) != 1:
             raise GraphError(f"{out_node!r}: gradients need a scalar node, got shape {np.shape(out_node.value)}")
-        seed, calls = self._backward_calls(plan)
+        if groups is not None and (into is None or into.shape != (groups, plan.params.size)):
+            raise GraphError(f"{out_node!r}: a grouped backward needs an array of shape ({groups}, {plan.params.size}) "
+                             f"for the gradients, got {None if into is None else into.shape}")
+        seed, calls = self._backward_calls(plan, into if groups is not None else None)
         seed.fill(1)
         for op, g, outs, fan_outs in calls:
             op.backward(g, outs)
             for acc, scratch in fan_outs:  # an input with several consumers: add this one's share
                 acc += scratch
         for v in plan.unreached:
-            v.grad[...] = 0
+            if groups is None:
+                v.grad[...] = 0
+            else:
+                plan.params.group_view(v, into)[...] = 0
 
     @staticmethod
-    def _backward_calls(plan):
+    def _backward_calls(plan, into=None):
         """The arrays each op's backward reads and writes, looked up once per feed shape.
 
         They depend only on the fed shapes and on where the parameters' gradients live, so a
@@ -422,12 +454,18 @@ class Session:
         shapes = tuple(ph.value.shape for ph in plan.placeholders)
         storage = plan.params.grad_storage if plan.params is not None else None
         key = plan.backward_key
-        if key is not None and key[0] == shapes and key[1] is storage:
+        if key is not None and key[0] == shapes and key[1] is storage and key[2] is into:
             return plan.backward_calls
-        key = (shapes, storage)
+        key = (shapes, storage, into)
         fan_out, calls = Plan.FAN_OUT, []
+
+        def grad_of(node):
+            if into is not None and isinstance(node, Variable):
+                return plan.params.group_view(node, into)
+            return node.grad_buffer()
+
         for op, kinds in plan.routes:
-            outs = [None if kind is None else inp.grad_buffer() for inp, kind in zip(op.last, kinds)]
+            outs = [None if kind is None else grad_of(inp) for inp, kind in zip(op.last, kinds)]
             fan_outs = []
             for slot, kind in enumerate(kinds):
                 if kind == fan_out:  # this input already holds another consumer's gradient

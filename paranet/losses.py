@@ -15,6 +15,25 @@ class Loss(Node):
         self.shape = ()
         self.target = label if isinstance(label, Placeholder) else label.root
 
+    @property
+    def groupable(self):
+        """Stacked micro-shards (Session.forward's groups): the value is then one loss a
+        micro-shard, each the mean over its rows, and backward seeds each with 1."""
+        return all(n.root is not None for n in self.last)
+
+    def rows_per_group(self, x):
+        """The rows a mean is over: a micro-shard's under groups, else the batch's (1 when empty)."""
+        n = x.shape[0] if x.ndim > 1 else 1
+        return max(n // (self.groups or 1), 1)
+
+    def group_means(self, a, b, factor, divisor):
+        """factor * vdot(a_g, b_g) / divisor for each micro-shard g of the rows of a and b (the
+        loss a micro-shard, as forward computes it for a whole batch), each by its own dot: the
+        same bits whatever the number of micro-shards."""
+        G = self.groups
+        a2, b2 = a.reshape(G, -1), b.reshape(G, -1)
+        return np.array([factor * np.vdot(a2[i], b2[i]) / divisor for i in range(G)], dtype=a.dtype)
+
     def check(self, pred, label):
         if pred.shape != label.shape:
             raise GraphError(f"{self!r}: prediction {_fmt_shape(pred.shape)} and label {_fmt_shape(label.shape)} differ in shape")
@@ -26,12 +45,14 @@ class MeanSquareLoss(Loss):
     def forward(self, yhat, y):
         self.check(yhat, y)
         d = np.subtract(yhat, y, out=self.buffer("diff", yhat.shape, yhat.dtype))
+        if self.groups is not None:
+            return self.group_means(d, d, 0.5, max(d.size // self.groups, 1))
         return np.asarray(0.5 * np.vdot(d, d) / max(d.size, 1), dtype=yhat.dtype)  # 0 for an empty batch
 
     def backward(self, g, out):
         # d loss / d yhat = (yhat - y) / size;  d loss / d y = -(yhat - y) / size
         d = self._buffers["diff"]
-        scale = g / max(d.size, 1)
+        scale = 1 / max(d.size // self.groups, 1) if self.groups is not None else g / max(d.size, 1)
         if out[0] is not None:
             np.multiply(d, scale, out=out[0])
         if out[1] is not None:
@@ -56,7 +77,7 @@ class SoftmaxCrossEntropy(Loss):
 
     def forward(self, x, y):
         self.check(x, y)
-        n = max(x.shape[0], 1) if x.ndim > 1 else 1  # an empty batch: loss 0, gradient 0
+        n = self.rows_per_group(x)  # an empty batch: loss 0, gradient 0
         if self.fused:
             # log p = z - log(sum(exp(z))), z = x - max(x)
             logp = self.buffer("logp", x.shape, x.dtype)
@@ -70,11 +91,15 @@ class SoftmaxCrossEntropy(Loss):
             if np.any(x < 0):
                 raise GraphError(f"{self!r}: expected probabilities >= 0, got min {x.min()}")
             logp = np.log(np.maximum(x, np.finfo(x.dtype).tiny), out=self.buffer("logp", x.shape, x.dtype))
+        if self.groups is not None:
+            return self.group_means(y, logp, -1, n)
         return np.asarray(-np.vdot(y, logp) / n, dtype=x.dtype)
 
     def backward(self, g, out):
         x, y = self.last[0].value, self.last[1].value
-        n = max(x.shape[0], 1) if x.ndim > 1 else 1
+        n = self.rows_per_group(x)
+        if self.groups is not None:
+            g = 1.0  # each micro-shard's loss seeds its own rows' gradient
         if out[0] is not None:
             if self.fused:
                 # d loss / d logits = (p - y) / n

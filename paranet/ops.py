@@ -1,11 +1,13 @@
 """Element-wise math ops, ``+`` and ``matmul``: each op's forward, backward and constructor together."""
 import numpy as np
 
-from .graph import GraphError, Node, _fmt_shape, shapes_match
+from .graph import GraphError, Node, Variable, _fmt_shape, shapes_match
 
 
 class Elementwise(Node):
     """Base of one-input ops whose output has the input's shape."""
+
+    groupable = True  # element by element: a row's result never depends on the other rows
 
     def __init__(self, x, name=None):
         super().__init__(x, name=name)
@@ -99,6 +101,10 @@ class Add(Node):
             raise GraphError(f"{self!r}: inputs '{a.name}' {_fmt_shape(a.shape)} and '{b.name}' {_fmt_shape(b.shape)} differ in shape")
         self.shape = a.shape if a.shape is not None else b.shape
 
+    @property
+    def groupable(self):
+        return all(n.root is not None for n in self.last)  # both rows of the batch
+
     def forward(self, a, b):
         if a.shape != b.shape:
             raise GraphError(f"{self!r}: inputs '{self.last[0].name}' {_fmt_shape(a.shape)} and '{self.last[1].name}' {_fmt_shape(b.shape)} differ in shape")
@@ -126,18 +132,39 @@ class MatMul(Node):
                 raise GraphError(f"{self!r}: expected (n, k) @ (k, m), got '{a.name}' {_fmt_shape(a.shape)} @ '{b.name}' {_fmt_shape(b.shape)}")
             self.shape = (a.shape[0], b.shape[1])
 
+    @property
+    def groupable(self):
+        """Rows of the batch times a Variable: one GEMM a micro-shard (Session.forward's groups)."""
+        return self.last[0].root is not None and isinstance(self.last[1], Variable)
+
     def forward(self, a, b):
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
             raise GraphError(f"{self!r}: expected (n, k) @ (k, m), got {_fmt_shape(a.shape)} @ {_fmt_shape(b.shape)}")
-        return np.matmul(a, b, out=self.buffer("out", (a.shape[0], b.shape[1]), a.dtype))
+        y = self.buffer("out", (a.shape[0], b.shape[1]), a.dtype)
+        if self.groups is None:
+            return np.matmul(a, b, out=y)
+        np.matmul(stack_groups(a, self.groups), b, out=stack_groups(y, self.groups))
+        return y
 
     def backward(self, g, out):
         a, b = self.last[0].value, self.last[1].value
         # g: (n, m); da = g @ b.T, db = a.T @ g
+        if self.groups is not None:  # per micro-shard: db is (G, k, m)
+            gs = stack_groups(g, self.groups)
+            if out[0] is not None:
+                np.matmul(gs, b.T, out=stack_groups(out[0], self.groups))
+            if out[1] is not None:
+                np.matmul(stack_groups(a, self.groups).transpose(0, 2, 1), gs, out=out[1])
+            return
         if out[0] is not None:
             np.matmul(g, b.T, out=out[0])
         if out[1] is not None:
             np.matmul(a.T, g, out=out[1])
+
+
+def stack_groups(a, groups):
+    """(n, k) rows as (G, n / G, k): G micro-shards of equal size (a view)."""
+    return a.reshape(groups, a.shape[0] // groups, a.shape[1])
 
 
 def matmul(a, b):

@@ -36,7 +36,8 @@ import time
 import numpy as np
 
 MICRO_MIN, MICRO_MAX = 32, 128  # micro-shard rows: see micro_size
-SUMS = ("ordered", "exact")  # how the partials are combined (see the module's docstring)
+SUMS = ("ordered", "exact")
+GROUP_BYTES = float(__import__("os").environ.get("PARANET_GROUP_BYTES", 1 << 20))  # how the partials are combined (see the module's docstring)
 # Codes of exponent_of besides a real exponent: every partial is zero, or some is not finite.
 ZERO = -(1 << 40)
 NONFINITE = 1 << 50
@@ -485,6 +486,7 @@ class MicroShardSteps:
         self._scratch = None  # ordered: tree_sum's levels
         self._spare = None  # ordered: arrays for tree nodes this rank does not ship
         self._tree_key = self._tree = None  # ordered: _plan_tree's
+        self._grouped = None  # the per-micro-shard gradients of a grouped backward
         self.comm_seconds = 0.0  # time in the collectives of step()
 
     def micro_for(self, n_global):
@@ -512,26 +514,56 @@ class MicroShardSteps:
         return self._buf
 
     def _micro_shards(self, session, plan, feed, n_global, micro, begin, ks, tail, keep, metric):
-        """Forward and backward on each micro-shard ``ks`` alone; ``keep(i, count)`` stores the
-        i-th one's partial from ``plan.params.grads``; its loss sum goes to tail[TAIL + k].
-        Returns the correct predictions (``metric``)."""
+        """Forward and backward on each micro-shard ``ks`` alone; ``keep(i, count, grads)``
+        stores the i-th one's partial gradient (``grads``, valid until the next pass); its loss
+        sum goes to tail[TAIL + k]. Returns the correct predictions (``metric``).
+
+        When the graph allows it (``plan.groupable``), the full micro-shards run stacked, in
+        one grouped forward and backward (``Session.forward``'s groups): one GEMM call a layer
+        for all of them, each micro-shard's rows computed as if alone; a short last one runs
+        by itself."""
         loss = plan.order[-1]
         n_local = len(feed[loss.root])
         cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
-        correct = 0
-        for i, k in enumerate(ks):
-            lo, count = micro_shard(n_global, micro, k)
-            a = lo - begin
+
+        def rows(a, count):
             sub = dict(feed)
             for ph in cut:
                 sub[ph] = feed[ph][a:a + count]
-            session.forward(plan, sub)
+            return sub
+
+        correct, done = 0, 0
+        full = [k for k in ks if micro_shard(n_global, micro, k)[1] == micro] if plan.groupable else []
+        chunk = max(1, int(GROUP_BYTES // max(plan.params.size * plan.params.dtype.itemsize, 1)))
+        while done < len(full):
+            G = min(chunk, len(full) - done)
+            a = micro_shard(n_global, micro, full[done])[0] - begin
+            session.forward(plan, rows(a, G * micro), groups=G)
+            into = self._group_grads(G, plan.params)
+            session.backward(plan, into)
+            for i in range(G):
+                keep(done + i, micro, into[i])
+                tail[self.TAIL + full[done + i]] = _float_bits(float(loss.value[i]) * micro)
+            if metric is not None:
+                correct += int(metric(slice(a, a + G * micro)))
+            done += G
+        for i in range(done, len(ks)):
+            lo, count = micro_shard(n_global, micro, ks[i])
+            a = lo - begin
+            session.forward(plan, rows(a, count))
             session.backward(plan)
-            keep(i, count)
-            tail[self.TAIL + k] = _float_bits(float(loss.value) * count)
+            keep(i, count, plan.params.grads)
+            tail[self.TAIL + ks[i]] = _float_bits(float(loss.value) * count)
             if metric is not None:
                 correct += int(metric(slice(a, a + count)))
         return correct
+
+    def _group_grads(self, groups, params):
+        """A (groups, parameters) array for a grouped backward's per-micro-shard gradients."""
+        g = self._grouped
+        if g is None or g.shape[0] < groups or g.shape[1] != params.size or g.dtype != params.dtype:
+            g = self._grouped = np.empty((groups, params.size), params.dtype)
+        return g[:groups]
 
     def step(self, session, plan, feed, n_global, *, step=None, metric=None, stop=0):
         """Forward, backward and the reproducible gradient sum of one global batch.
@@ -588,26 +620,26 @@ class MicroShardSteps:
         free = list(self._spare)  # arrays for nodes not (yet) in a row of ``ship``
         stack = []  # (level, index, array) of the nodes summed so far, left to right
 
-        def keep(i, count):
+        def keep(i, count, grads):
             # this micro-shard's partial, weighted by rows / m (exact in binary: m is a power of
             # two), merged with its left sibling as soon as both are there: the tree's additions
-            value = params.grads
+            value = grads
             if count != micro:
-                value = np.multiply(params.grads, params.dtype.type(count / micro), out=free.pop())
+                value = np.multiply(grads, params.dtype.type(count / micro), out=free.pop())
             level, j = 0, first + i
             while j % 2 == 1 and stack and stack[-1][:2] == (level, j - 1):
                 left = stack.pop()[2]
                 np.add(left, value, out=left)  # the sum lives where its left half did
-                if value is not params.grads:
+                if value is not grads:
                     free.append(value)
                 value, level, j = left, level + 1, j // 2
             row = home.get(j << level)
             if row is not None and value is not row:  # a node this rank ships: into its row
                 np.copyto(row, value)
-                if value is not params.grads:
+                if value is not grads:
                     free.append(value)
                 value = row
-            elif value is params.grads:  # a node merged later: out of the gradient buffer
+            elif value is grads:  # a node merged later: out of the pass's gradient buffer
                 value = np.copyto(free[-1], value) or free.pop()
             stack.append((level, j, value))
 
@@ -658,19 +690,18 @@ class MicroShardSteps:
         total_k = num_micro_shards(n_global, micro)
         buf = self._buffers(params, total_k)
         nw = self.fixed.words * params.size
-        if self._stash is None or self._stash.shape[0] < len(ks) - 1 or self._stash.shape[1] != params.size \
+        if self._stash is None or self._stash.shape[0] < len(ks) or self._stash.shape[1] != params.size \
                 or self._stash.dtype != params.dtype:
-            self._stash = np.empty((max(len(ks) - 1, 1), params.size), params.dtype)
+            self._stash = np.empty((max(len(ks), 1), params.size), params.dtype)
         tail = buf[nw:]
         tail[...] = 0
 
-        def keep(i, count):  # the last partial stays where backward left it
-            if i < len(ks) - 1:
-                np.copyto(self._stash[i], params.grads)
+        def keep(i, count, grads):
+            np.copyto(self._stash[i], grads)
 
         correct = self._micro_shards(session, plan, feed, n_global, micro, begin, ks, tail, keep, metric)
-        partials = [self._stash[i] for i in range(len(ks) - 1)] + [params.grads] * bool(ks)
-        code = exponent_of([self._stash[:len(ks) - 1], params.grads] if ks else [])  # one max, one min each
+        partials = [self._stash[i] for i in range(len(ks))]
+        code = exponent_of([self._stash[:len(ks)]] if ks else [])  # one max, one min
         if code >= NONFINITE:  # which partial: look again one by one
             code = exponent_of(partials)
         if code >= NONFINITE:  # name the global micro-shard: the max over ranks then finds the first

@@ -3,7 +3,8 @@ import math
 
 import numpy as np
 
-from ..graph import GraphError, Node, _fmt_shape
+from ..graph import GraphError, Node, Variable, _fmt_shape
+from ..ops import stack_groups
 
 
 class Dense(Node):
@@ -20,12 +21,21 @@ class Dense(Node):
             raise GraphError(f"{self!r}: input '{x.name}' {_fmt_shape(x.shape)} has {int(np.prod(x.shape[1:]))} features per sample, weight '{W.name}' {_fmt_shape(W.shape)} expects {k}")
         self.shape = (x.shape[0] if x.shape else None, m)
 
+    @property
+    def groupable(self):
+        """Stacked micro-shards (Session.forward's groups): one GEMM a micro-shard, in one call."""
+        return self.last[0].root is not None and all(isinstance(n, Variable) for n in self.last[1:])
+
     def forward(self, x, W, b):
         k = math.prod(x.shape[1:])
         if k != W.shape[0]:
             raise GraphError(f"{self!r}: input has {k} features per sample, weight {_fmt_shape(W.shape)} expects {W.shape[0]}")
         x2 = x.reshape(x.shape[0], k)  # x2: (n, k); n may be 0
-        y = np.matmul(x2, W, out=self.buffer("out", (x2.shape[0], W.shape[1]), x.dtype))
+        y = self.buffer("out", (x2.shape[0], W.shape[1]), x.dtype)
+        if self.groups is None:
+            np.matmul(x2, W, out=y)
+        else:  # G micro-shards: a GEMM each, as numpy's stacked matmul calls it
+            np.matmul(stack_groups(x2, self.groups), W, out=stack_groups(y, self.groups))
         y += b
         return y  # y: (n, m)
 
@@ -33,6 +43,16 @@ class Dense(Node):
         x, W = self.last[0].value, self.last[1].value
         x2 = x.reshape(x.shape[0], W.shape[0])
         # dx = g @ W.T (reshaped back), dW = x.T @ g, db = sum of g over the batch
+        if self.groups is not None:  # per micro-shard: dW and db are (G, ...)
+            G = self.groups
+            gs = stack_groups(g, G)
+            if out[0] is not None:
+                np.matmul(gs, W.T, out=stack_groups(out[0].reshape(x2.shape), G))
+            if out[1] is not None:
+                np.matmul(stack_groups(x2, G).transpose(0, 2, 1), gs, out=out[1])
+            if out[2] is not None:
+                np.add.reduce(gs, axis=1, out=out[2])
+            return
         if out[0] is not None:
             np.matmul(g, W.T, out=out[0].reshape(x2.shape))
         if out[1] is not None:
