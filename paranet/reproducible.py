@@ -615,8 +615,10 @@ class MicroShardSteps:
             self._tail = np.zeros(self.TAIL + total_k, np.int64)
         tail = self._tail
         tail[...] = 0
-        if self._spare is None or self._spare[0].shape != (params.size,) or self._spare[0].dtype != params.dtype:
-            self._spare = [np.empty(params.size, params.dtype) for _ in range(sum_tree_root(total_k) + 2)]
+        spares = sum_tree_root(total_k) + 2  # a node waits for its right sibling at each level, plus a weighted one
+        if not self._spare or len(self._spare) < spares or self._spare[0].shape != (params.size,) \
+                or self._spare[0].dtype != params.dtype:
+            self._spare = [np.empty(params.size, params.dtype) for _ in range(spares)]
         free = list(self._spare)  # arrays for nodes not (yet) in a row of ``ship``
         stack = []  # (level, index, array) of the nodes summed so far, left to right
 
@@ -754,7 +756,16 @@ class MicroShardSteps:
             micro, begin, ks = self.rows(batch.n_global, batch.n_local)
             total_k = num_micro_shards(batch.n_global, micro)
             mine = [0] * total_k
-            for k in ks:
+            full = [k for k in ks if micro_shard(batch.n_global, micro, k)[1] == micro] if plan.groupable else []
+            if full:  # the full micro-shards stacked in one grouped forward, as the step runs them
+                a = micro_shard(batch.n_global, micro, full[0])[0] - begin
+                sl = slice(a, a + len(full) * micro)
+                session.forward(plan, feed_of(batch, sl), groups=len(full))
+                for i, k in enumerate(full):
+                    mine[k] = _float_bits(float(loss.value[i]) * micro)
+                if metric is not None:
+                    correct += int(metric(batch, sl))
+            for k in ks[len(full):]:
                 lo, rows = micro_shard(batch.n_global, micro, k)
                 sl = slice(lo - begin, lo - begin + rows)
                 session.forward(plan, feed_of(batch, sl))
