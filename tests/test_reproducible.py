@@ -1,6 +1,8 @@
-"""--reproducible (issue 12): the exact sum, the micro-shard rule, and training that gives the
-same SHA-256 of the parameters and the same metrics at P = 1..4, for real under mpiexec."""
+"""--reproducible (issue 12): the exact sum, the ordered (pairwise) sum, the micro-shard rule,
+and training that gives the same SHA-256 of the parameters and the same metrics at P = 1..4,
+for real under mpiexec."""
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -118,6 +120,122 @@ def test_limits_of_the_representation():
     assert not np.any(rp.exact_sum([np.zeros(5, np.float32)] * 3))
 
 
+# -- the ordered sum ---------------------------------------------------------------------------
+
+
+def _pairwise_sum(rows):
+    """Pairwise summation written out, the reference for the ordered sum: add rows (0+1),
+    (2+3), ..., carry an odd last one up unchanged, and do the same over those sums until one
+    row is left. Each addition is numpy's, in the rows' dtype."""
+    level = [np.array(r) for r in rows]
+    while len(level) > 1:
+        pairs = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
+        level = pairs + level[2 * len(pairs):]
+    return level[0]
+
+
+def _wide_rows(dtype, k, n=64, seed=0):
+    """k rows of n elements spanning many orders of magnitude, with exact cancellations (row
+    3i+1 is minus row 3i in half the columns) and near ones (row 3i+2 is -0.5 times row 3i in
+    a quarter of the columns, so that what is left of row 3i is in the rounding of its sums)."""
+    rng = np.random.default_rng(seed)
+    top = 30 if np.dtype(dtype) == np.float32 else 200
+    rows = rng.standard_normal((k, n)) * 10.0 ** rng.integers(-top, top, (k, n))
+    for i in range(0, k - 1, 3):
+        rows[i + 1, :n // 2] = -rows[i, :n // 2]
+        if i + 2 < k:
+            rows[i + 2, n // 2:3 * n // 4] = -0.5 * rows[i, n // 2:3 * n // 4]
+    return rows.astype(dtype)
+
+
+def _sequential_sum(rows):
+    """Left to right: ((0 + 1) + 2) + ..."""
+    total = np.array(rows[0])
+    for r in rows[1:]:
+        total = total + r
+    return total
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ordered_sum_is_pairwise_summation(dtype):
+    """ordered_sum gives the bits of pairwise summation written out, for 1..40 rows."""
+    differs = []  # the k at which a left-to-right sum gives other bits: the order matters
+    for k in range(1, 41):
+        rows = _wide_rows(dtype, k, seed=k)
+        want = _pairwise_sum(rows)
+        out = np.empty(rows.shape[1], dtype)
+        assert rp.ordered_sum(rows, out) is out
+        assert out.tobytes() == want.tobytes(), f"k={k}: not the pairwise sum"
+        scratch = np.empty((2 * rp.sum_tree_root(k), rows.shape[1]), dtype)
+        assert rp.ordered_sum(rows, np.empty_like(out), scratch).tobytes() == want.tobytes(), f"k={k}, given scratch"
+        if _sequential_sum(rows).tobytes() != want.tobytes():
+            differs.append(k)
+    # the test can fail: summed left to right, most of these row sets give other bits
+    assert len(differs) >= 30, differs
+
+
+def _greedy_nodes(first, count):
+    """The reference cover of micro-shards first..first+count-1 by tree nodes: from the left,
+    each time the largest aligned block 2**l * j .. 2**l * (j + 1) - 1 that fits in the run."""
+    nodes, s, end = [], first, first + count
+    while s < end:
+        level = 0
+        while s % (2 << level) == 0 and s + (2 << level) <= end:
+            level += 1
+        nodes.append((level, s >> level))
+        s += 1 << level
+    return nodes
+
+
+def _all_cuts(k):
+    """Every cut of k micro-shards into contiguous runs, as (first, count) lists (2**(k-1) of them)."""
+    for cuts in itertools.product((False, True), repeat=max(k - 1, 0)):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [k]
+        yield [(a, b - a) for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tree_sum_of_every_cut_gives_the_ordered_sum(dtype):
+    """However the micro-shards are cut into runs (the ranks', at P = 1..17; every cut of up to
+    8), the runs' tree nodes summed by tree_sum give the bits of the pairwise sum, also when
+    each of several ranks sums a slice of the columns."""
+    n, m = 100, 32
+    for parts in range(1, 9):  # the column slices: a cover of 0..n-1 in order, aligned starts
+        slices = rp.column_slices(n, parts)
+        assert len(slices) == parts and slices[0][0] == 0 and slices[-1][1] == n
+        assert all(hi == lo2 for (_, hi), (lo2, _) in zip(slices, slices[1:]))
+        assert all(lo % rp.ALIGN == 0 and lo <= hi for lo, hi in slices if lo < n)
+    for k in range(1, 41):
+        leaves = _wide_rows(dtype, k, n, seed=100 + k)
+        want = _pairwise_sum(leaves)
+        values = {}  # (level, j) -> the pairwise sum of its micro-shards, shared by the cuts
+
+        def value(level, j):
+            if (level, j) not in values:
+                values[level, j] = _pairwise_sum(leaves[j << level:min((j + 1) << level, k)])
+            return values[level, j]
+
+        cuts = [rp.micro_shard_ranges(k * m, p, m) for p in range(1, 18)] + (list(_all_cuts(k)) if k <= 8 else [])
+        for runs in cuts:
+            nodes = []
+            for first, count in runs:
+                mine = rp.tree_nodes(first, count, k)
+                covered = [leaf for level, j in mine for leaf in range(j << level, min((j + 1) << level, k))]
+                assert covered == list(range(first, first + count)), f"k={k}, run {first}+{count}: nodes {mine}"
+                assert mine == _greedy_nodes(first, count), f"k={k}, run {first}+{count}: not merged as far as it goes"
+                nodes += mine
+            assert [leaf for level, j in nodes for leaf in range(j << level, min((j + 1) << level, k))] == list(range(k))
+            rows = np.stack([value(level, j) for level, j in nodes])
+            out = np.empty(n, dtype)
+            assert rp.tree_sum(nodes, rows, k, out).tobytes() == want.tobytes(), f"k={k}, runs {runs}: nodes {nodes}"
+            scratch = np.empty((2 * rp.sum_tree_root(k), n + 7), dtype)  # wider than a slice, as a step's is
+            for parts in (2, 3, 5, 8):
+                out = np.full(n, np.nan, dtype)
+                for lo, hi in rp.column_slices(n, parts):
+                    rp.tree_sum(nodes, rows[:, lo:hi], k, out[lo:hi], scratch[:, :hi - lo])
+                assert out.tobytes() == want.tobytes(), f"k={k}, runs {runs}, {parts} column slices"
+
+
 # -- the micro-shard rule ----------------------------------------------------------------------
 
 
@@ -182,10 +300,10 @@ def _train(tmp_path, tag, nprocs, *args, extra_env=None):
     return digest, kept
 
 
-CASES = [  # (model, dtype, batch, allreduce, rank counts): every case has a short last batch
-    ("mlp", "float32", 256, "shm", (1, 2, 3, 4)),  # 256 (4 micro-shards of 64, 3 ranks: 2+1+1), then 44
-    ("mlp", "float64", 100, "mpi", (1, 3, 4)),  # 100 rows: 64 + 36, ranks 2 and 3 get none
-    ("cnn", "float32", 128, "mpi", (1, 2, 4)),
+CASES = [  # (model, dtype, batch, allreduce, rank counts): every case has a short last micro-shard
+    ("mlp", "float32", 256, "shm", (1, 2, 3, 4)),  # 256 (8 micro-shards of 32, 3 ranks: 3+3+2), then 44 (32 + 12)
+    ("mlp", "float64", 100, "mpi", (1, 3, 4)),  # 3 batches of 100 rows: 32 + 32 + 32 + 4
+    ("cnn", "float32", 128, "mpi", (1, 2, 4)),  # 128, 128, then 44: ranks 2 and 3 of 4 get none
 ]
 
 
@@ -206,6 +324,19 @@ def test_training_identical_at_any_rank_count(tmp_path, small_h5, model, dtype, 
         assert results[p][1] == metrics, f"P={p}: metrics differ from P={procs[0]}"
 
 
+def test_training_identical_with_the_exact_sum(tmp_path, small_h5):
+    """--reproducible exact end to end: float64 (two int64 words an element), batch 128 (4
+    micro-shards, then 44 rows: 2, so that rank 2 of 3 has none), the same bits at P = 1 and 3;
+    and not those of the ordered sum, so the flag did choose the other sum."""
+    common = ("--data", small_h5, "--dtype", "float64", "--batch-size", 128, "--epochs", 1)
+    one = _train(tmp_path, "exact1", None, "exact", *common)
+    three = _train(tmp_path, "exact3", 3, "exact", *common, "--allreduce", "shm")
+    assert json.loads((tmp_path / "exact3.json").read_text())["flags"]["reproducible"] == "exact"
+    assert three == one, "--reproducible exact: P=3 differs from P=1"
+    ordered = _train(tmp_path, "ordered1", None, *common)
+    assert ordered[0] != one[0], "the exact and the ordered sum gave the same bits: was the exact one used?"
+
+
 def test_resume_at_another_rank_count(tmp_path, small_h5):
     common = ("--data", small_h5, "--batch-size", 128, "--epochs", 2)
     whole = _train(tmp_path, "whole", None, *common)
@@ -220,15 +351,22 @@ def test_resume_at_another_rank_count(tmp_path, small_h5):
 
 
 USER_SCRIPT = textwrap.dedent('''
-    """A user's own graph through the library API (not the trainer): a regression MLP."""
+    """A user's own graph through the library API (not the trainer): a regression MLP. Before
+    each step every rank works out, alone over the whole global batch, the gradient sum the step
+    must give: each micro-shard's gradient by its own forward and backward, then their pairwise
+    sum (weighted by rows / m) or their exact sum (weighted by rows)."""
+    import math
     import sys
     import numpy as np
     from paranet import distributed, nn, activations as act
+    from paranet import reproducible as rp
     from paranet.graph import Session, placeholder, Variable
     from paranet.losses import MeanSquareLoss
-    from paranet.train import AdamOptimizer
+    from paranet.train import AdamOptimizer, GradientDescentOptimizer
 
-    dtype, allreduce, nan_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    PAIRWISE_SUM
+
+    dtype, allreduce, nan_at, how, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     world = distributed.init(allreduce=allreduce)
     rng = np.random.default_rng(1)
     x, y = placeholder((None, 20)), placeholder((None, 3))
@@ -236,35 +374,88 @@ USER_SCRIPT = textwrap.dedent('''
     out = nn.FullConnection(h, Variable(rng.normal(0, 0.3, (32, 3))), Variable(np.zeros(3)))
     loss = MeanSquareLoss(out, y)
     sess = Session(dtype, check_finite=False)
-    dopt = distributed.DistributedOptimizer(AdamOptimizer(1e-2, loss), reproducible=True)  # the one change
+    opt = AdamOptimizer(1e-2, loss) if name == "adam" else GradientDescentOptimizer(0.05, loss)
+    dopt = distributed.DistributedOptimizer(opt, world, reproducible=True if how == "ordered" else how)  # the one change
     data = np.random.default_rng(2)
     X, Y = data.normal(size=(2000, 20)), data.normal(size=(2000, 3))
     if nan_at >= 0:
         X[nan_at, 5] = np.nan
+
+
+    def expected(X, Y):
+        """(gradient sum, its scale to the mean, mean loss) of a step on the global batch X, Y."""
+        n = len(X)
+        m = rp.micro_size(n)
+        grads, weights, losses = [], [], []
+        for lo in range(0, n, m):
+            count = min(m, n - lo)
+            losses.append(sess.run(loss, {x: X[lo:lo + count], y: Y[lo:lo + count]}, need_grad=True) * count)
+            grads.append(sess.parameters(loss).grads.copy())
+            weights.append(count)
+        if how == "exact":
+            return rp.exact_sum(grads, weights, sess.dtype), 1.0 / n, math.fsum(losses) / n
+        return _pairwise_sum([g * sess.dtype.type(w / m) for g, w in zip(grads, weights)]), m / n, math.fsum(losses) / n
+
+
+    plan = sess.plan(loss)
     losses = []
     for step, n in enumerate([300, 300, 137, 5, 300, 161]):  # uneven, short and tiny global batches
         lo = step * 300
-        losses.append(sess.run(dopt, {x: world.shard(X[lo:lo + n]), y: world.shard(Y[lo:lo + n])}))
+        want = expected(X[lo:lo + n], Y[lo:lo + n]) if nan_at < 0 else None
+        feed = {x: world.shard(X[lo:lo + n]), y: world.shard(Y[lo:lo + n])}
+        if step % 2 == 0:
+            losses.append(sess.run(dopt, feed))
+        else:  # the step as a loop of one's own calls it
+            sums = dopt.reproducible_step(sess, plan, feed, n)
+            losses.append(sums.loss_sum / sums.count)
+        if want is not None:
+            assert dopt.last_sum.tobytes() == want[0].tobytes(), f"step {step + 1}: not the {how} sum of the micro-shards"
+            assert (dopt.grad_scale, losses[-1]) == want[1:], (step + 1, dopt.grad_scale, losses[-1], want[1:])
+    digests = world.gather_object(sess.parameters(loss).digest())
     if world.rank == 0:
-        print("RESULT", sess.parameters(loss).digest(), repr(losses))
-''')
+        assert len(set(digests)) == 1, f"the replicas differ: {digests}"
+        print("EXCHANGE", type(dopt.micro_steps().partials).__name__)
+        print("RESULT", digests[0], repr(losses))
+''').replace("PAIRWISE_SUM", inspect.getsource(_pairwise_sum))
 
 
-def _user_run(tmp_path, nprocs, dtype="float32", allreduce="auto", nan_at=-1, check=True):
+def _user_run(tmp_path, nprocs, dtype="float32", allreduce="auto", nan_at=-1, check=True, how="ordered", opt="adam"):
     script = tmp_path / "user_graph.py"
     script.write_text(USER_SCRIPT)
-    cmd = [str(MPIEXEC), "-n", str(nprocs), sys.executable, str(script), dtype, allreduce, str(nan_at)]
+    cmd = [str(MPIEXEC), "-n", str(nprocs), sys.executable, str(script), dtype, allreduce, str(nan_at), how, opt]
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        return next(line for line in proc.stdout.splitlines() if line.startswith("RESULT"))
+        lines = proc.stdout.splitlines()
+        exchange = next(line.split()[1] for line in lines if line.startswith("EXCHANGE"))
+        return next(line for line in lines if line.startswith("RESULT")), exchange
     return proc
 
 
-def test_user_graph_through_the_library(tmp_path):
-    one = _user_run(tmp_path, 1)
-    assert _user_run(tmp_path, 3) == one
-    assert _user_run(tmp_path, 2, allreduce="mpi") == one
+EXCHANGES = {"shm": "SharedPartials", "mpi": "MpiPartials"}
+USER_CASES = [  # (dtype, sum, optimizer, (ranks, allreduce) runs): of the script's batches, 137 rows are
+    # 5 micro-shards (3 ranks: 2 + 2 + 1), 5 rows are one (ranks 1.. hold no rows)
+    ("float32", "ordered", "sgd", [(1, "shm"), (2, "shm"), (3, "shm"), (4, "shm"), (2, "mpi"), (3, "mpi"), (4, "mpi")]),
+    ("float64", "ordered", "adam", [(1, "mpi"), (3, "shm"), (4, "mpi")]),
+    ("float32", "exact", "adam", [(1, "shm"), (3, "shm"), (2, "mpi")]),
+]
+
+
+@pytest.mark.parametrize("dtype,how,opt,runs", USER_CASES, ids=[f"{c[0]}-{c[1]}" for c in USER_CASES])
+def test_user_graph_through_the_library(tmp_path, dtype, how, opt, runs):
+    """DistributedOptimizer(opt, world, reproducible=...) in a script of one's own, under mpiexec
+    at P = 1..4 through shared memory and through MPI: each step's gradient sum is the one
+    worked out alone (checked in the script), and the parameters end with the same SHA-256."""
+    results = {}
+    for p, allreduce in runs:
+        results[p, allreduce], exchange = _user_run(tmp_path, p, dtype, allreduce, how=how, opt=opt)
+        if how == "exact":
+            assert exchange == "NoneType"  # the exact sum uses no exchange of partials
+        else:
+            assert exchange == ("LocalPartials" if p == 1 else EXCHANGES[allreduce])
+    first = runs[0]
+    for run in runs[1:]:
+        assert results[run] == results[first], f"P={run[0]} --allreduce {run[1]} differs from P={first[0]}"
 
 
 def test_non_finite_gradient_names_the_step(tmp_path):
