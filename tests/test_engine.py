@@ -410,3 +410,289 @@ def test_gradients_follow_batch_size_changes_and_moved_storage():
             for v, g in zip(variables, got):
                 np.testing.assert_array_equal(g, v.grad)
                 assert np.any(g != 0)
+
+
+# ---- grouped passes: G micro-shards stacked, each one the bits it has alone -----------------
+
+def plain_pass(sess, plan, feed):
+    """Loss value and flat gradient of a plain forward and backward over ``feed``."""
+    sess.forward(plan, feed)
+    sess.backward(plan)
+    return np.array(plan.order[-1].value), plan.params.grads.copy()
+
+
+def grouped_pass(sess, plan, feed, groups):
+    """Loss values (G,) and gradient rows (G, parameters) of a grouped pass; the rows start
+    as NaN, so that a row or a part the engine leaves unwritten shows."""
+    sess.forward(plan, feed, groups=groups)
+    into = np.full((groups, plan.params.size), np.nan, dtype=sess.dtype)
+    sess.backward(plan, into)
+    return np.array(plan.order[-1].value), into
+
+
+def assert_grouped_equals_plain(sess, plan, xs, ys, X, Y, rows, groups=(1, 2, 3, 5, 8), offsets=(0, 1, 3)):
+    """For every G and every offset (in micro-shards into X), a grouped pass over G micro-shards
+    of ``rows`` rows gives each one's loss and gradient row with the exact bits of a plain pass
+    over that micro-shard alone."""
+    alone = [plain_pass(sess, plan, {xs: X[k * rows:(k + 1) * rows], ys: Y[k * rows:(k + 1) * rows]})
+             for k in range(len(X) // rows)]
+    assert all(np.any(g != 0) for _, g in alone)
+    for G in groups:
+        for first in offsets:
+            lo, hi = first * rows, (first + G) * rows
+            losses, into = grouped_pass(sess, plan, {xs: X[lo:hi], ys: Y[lo:hi]}, G)
+            assert losses.shape == (G,) and losses.dtype == sess.dtype
+            for i in range(G):
+                loss, grad = alone[first + i]
+                assert np.array_equal(losses[i], loss), f"G={G}, micro-shard {first + i} at {i}: loss {losses[i]!r} != {loss!r}"
+                assert np.array_equal(into[i], grad), (
+                    f"G={G}, micro-shard {first + i} at {i}: gradient differs by up to {np.nanmax(np.abs(into[i] - grad))}")
+
+
+def labels(rng, n, classes):
+    return np.eye(classes)[rng.integers(0, classes, n)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grouped_mlp_model_gives_each_micro_shard_its_own_bits(dtype):
+    """The built-in MLP (784-128-10, ReLU, fused softmax cross-entropy), micro-shards of 32 rows."""
+    from paranet.models import MODELS
+
+    model = MODELS["mlp"]((28, 28), 10, np.random.default_rng(0))
+    sess = pn.Session(dtype)
+    plan = sess.plan(model.loss)
+    assert plan.groupable
+    rng = np.random.default_rng(1)
+    rows = 32
+    X = rng.random((11 * rows, 784)).astype(dtype)
+    Y = labels(rng, 11 * rows, 10).astype(dtype)
+    assert_grouped_equals_plain(sess, plan, model.x, model.y, X, Y, rows)
+
+
+def sigmoid_graph(loss, seed=0, features=20, hidden=16):
+    """x (None, features) -> FC sigmoid -> FC softmax -> MeanSquareLoss, or -> FC sigmoid ->
+    SoftmaxCrossEntropy reading the sigmoid as probabilities (the loss's unfused path). At 16
+    and more features, one GEMM over all rows would give other bits than a GEMM a micro-shard."""
+    rng = np.random.default_rng(seed)
+    xs, ys = pn.placeholder((None, features), name="x"), pn.placeholder((None, 3), name="y")
+    h = pn.nn.FullConnection(xs, pn.Variable(rng.normal(0, 0.5, (features, hidden))), pn.Variable(rng.normal(size=hidden)),
+                             pn.sigmoid)
+    W2, b2 = pn.Variable(rng.normal(size=(hidden, 3))), pn.Variable(rng.normal(size=3))
+    if loss is pn.MeanSquareLoss:
+        return xs, ys, loss(pn.nn.FullConnection(h, W2, b2, pn.softmax), ys)
+    return xs, ys, loss(pn.nn.FullConnection(h, W2, b2, pn.sigmoid), ys)
+
+
+def matmul_graph(seed=0, features=16):
+    """matmul directly, W used by two matmuls (its gradient is a fan-out sum), sin, square, +,
+    and a fused softmax cross-entropy: x (None, f) -> sin(x W) W + (x V)**2 -> loss."""
+    rng = np.random.default_rng(seed)
+    xs, ys = pn.placeholder((None, features), name="x"), pn.placeholder((None, features), name="y")
+    scale = 1 / np.sqrt(features)
+    W = pn.Variable(rng.normal(0, scale, (features, features)), name="W")
+    V = pn.Variable(rng.normal(0, scale, (features, features)), name="V")
+    h = pn.matmul(pn.sin(pn.matmul(xs, W)), W) + pn.square(pn.matmul(xs, V))
+    return xs, ys, pn.SoftmaxCrossEntropy(pn.softmax(h), ys)
+
+
+@pytest.mark.parametrize("rows", [5, 32])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("build", [lambda: sigmoid_graph(pn.MeanSquareLoss), lambda: sigmoid_graph(pn.SoftmaxCrossEntropy),
+                                   matmul_graph], ids=["sigmoid-softmax-mse", "sigmoid-cross-entropy", "matmul"])
+def test_grouped_public_op_graphs_give_each_micro_shard_its_own_bits(build, dtype, rows):
+    xs, ys, loss = build()
+    sess = pn.Session(dtype)
+    plan = sess.plan(loss)
+    assert plan.groupable
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(11 * rows, xs.shape[1])).astype(dtype)
+    Y = labels(rng, 11 * rows, ys.shape[1]).astype(dtype)
+    assert_grouped_equals_plain(sess, plan, xs, ys, X, Y, rows)
+
+
+def test_grouped_gradient_matches_a_numpy_reimplementation():
+    """Independent of the engine's backward: 2 micro-shards of 3 rows, 4 features, float64,
+    FC sigmoid -> FC softmax -> cross-entropy written out in numpy, per micro-shard."""
+    rng = np.random.default_rng(5)
+    xs, ys = pn.placeholder((None, 4), name="x"), pn.placeholder((None, 3), name="y")
+    W1, b1 = pn.Variable(rng.normal(size=(4, 5)), name="W1"), pn.Variable(rng.normal(size=5), name="b1")
+    W2, b2 = pn.Variable(rng.normal(size=(5, 3)), name="W2"), pn.Variable(rng.normal(size=3), name="b2")
+    h = pn.nn.FullConnection(xs, W1, b1, pn.sigmoid)
+    loss = pn.SoftmaxCrossEntropy(pn.nn.FullConnection(h, W2, b2, pn.softmax), ys)
+    X, Y = rng.normal(size=(6, 4)), labels(rng, 6, 3)
+    sess = pn.Session(np.float64)
+    plan = sess.plan(loss)
+    losses, into = grouped_pass(sess, plan, {xs: X, ys: Y}, 2)
+    for i in range(2):
+        x, y = X[3 * i:3 * i + 3], Y[3 * i:3 * i + 3]
+        s = 1 / (1 + np.exp(-(x @ W1.value + b1.value)))
+        z = s @ W2.value + b2.value
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(losses[i], -np.sum(y * np.log(p)) / 3, rtol=1e-12)
+        dz = (p - y) / 3  # d loss / d logits of the second layer
+        ds = dz @ W2.value.T * s * (1 - s)  # back through the sigmoid
+        expected = {W1: x.T @ ds, b1: ds.sum(axis=0), W2: s.T @ dz, b2: dz.sum(axis=0)}
+        for v, g in expected.items():
+            np.testing.assert_allclose(plan.params.group_view(v, into)[i], g, rtol=1e-10, atol=1e-14, err_msg=v.name)
+
+
+def test_grouped_gradient_matches_central_differences():
+    """Independent of the engine's backward: the matmul graph (a shared weight, sin, square, +)
+    in float64, 2 micro-shards of 3 rows; every parameter nudged both ways, the G losses of a
+    grouped forward give each micro-shard's derivative."""
+    xs, ys, loss = matmul_graph(seed=6, features=5)
+    rng = np.random.default_rng(6)
+    X, Y = rng.normal(size=(6, 5)), labels(rng, 6, 5)
+    sess = pn.Session(np.float64)
+    plan = sess.plan(loss)
+    feed = {xs: X, ys: Y}
+    _, into = grouped_pass(sess, plan, feed, 2)
+    values, eps = plan.params.values, 1e-6
+    numeric = np.empty_like(into)
+    for j in range(values.size):
+        keep = values[j]
+        values[j] = keep + eps
+        sess.forward(plan, feed, groups=2)
+        up = np.array(loss.value)
+        values[j] = keep - eps
+        sess.forward(plan, feed, groups=2)
+        numeric[:, j] = (up - loss.value) / (2 * eps)
+        values[j] = keep
+    assert np.all(np.abs(numeric) > 0)  # every parameter matters to both micro-shards
+    np.testing.assert_allclose(into, numeric, rtol=1e-6, atol=1e-9)
+
+
+class Twice(pn.Node):
+    """A user-defined op: 2x, with no notion of micro-shards."""
+
+    def __init__(self, x):
+        super().__init__(x)
+        self.shape = x.shape
+
+    def forward(self, x):
+        return 2 * x
+
+    def backward(self, g, out):
+        out[0][...] = 2 * g
+
+
+class RowsTimes(pn.Node):
+    """A user-defined op that declares itself groupable: rows x (n, k) times s (k,)."""
+
+    groupable = True
+
+    def __init__(self, x, s):
+        super().__init__(x, s)
+        self.shape = x.shape
+
+    def forward(self, x, s):
+        return x * s
+
+    def backward(self, g, out):
+        if out[0] is not None:
+            out[0][...] = g * self.last[1].value
+        if out[1] is not None:
+            out[1][...] = (g * self.last[0].value).sum(axis=0)
+
+
+def test_graphs_that_cannot_run_grouped_say_so():
+    """Conv2D/MaxPool, a user-defined op, and a Variable reaching an op through another op
+    (even one that declares itself groupable): plan.groupable is False and a grouped forward
+    raises, before touching any op."""
+    from paranet.models import MODELS
+
+    model = MODELS["cnn"]((28, 28), 10, np.random.default_rng(0))
+    cnn_x, cnn_y, cnn_loss = cnn()
+    rng = np.random.default_rng(7)
+    x6, y3 = pn.placeholder((None, 6)), pn.placeholder((None, 3))
+    W = pn.Variable(rng.normal(size=(6, 3)), name="W")
+    through_exp = pn.SoftmaxCrossEntropy(pn.softmax(pn.matmul(x6, pn.exp(W))), y3)
+    b = pn.Variable(np.zeros(3), name="b")
+    user_op = pn.SoftmaxCrossEntropy(pn.softmax(Twice(pn.nn.FullConnection(x6, W, b))), y3)
+    s = pn.Variable(np.ones(6), name="s")
+    scaled_by_exp = pn.SoftmaxCrossEntropy(pn.softmax(pn.nn.FullConnection(RowsTimes(x6, pn.exp(s)), W, b)), y3)
+    X6, Y3 = rng.normal(size=(4, 6)), labels(rng, 4, 3)
+    cases = [(model.loss, {model.x: rng.random((4, 1, 28, 28)), model.y: labels(rng, 4, 10)}),
+             (cnn_loss, {cnn_x: rng.random((4, 1, 8, 8)), cnn_y: Y3}),
+             (through_exp, {x6: X6, y3: Y3}),
+             (user_op, {x6: X6, y3: Y3}),
+             (scaled_by_exp, {x6: X6, y3: Y3})]
+    sess = pn.Session(np.float64)
+    for loss, feed in cases:
+        plan = sess.plan(loss)
+        assert plan.groupable is False, loss
+        raises(["cannot run micro-shards stacked"], sess.forward, plan, feed, groups=2)
+        assert all(op.groups is None for op in plan.ops)
+        assert np.isfinite(sess.run(loss, feed, need_grad=True))  # the plain pass still runs
+
+
+def test_grouped_backward_refuses_a_wrongly_shaped_into():
+    """After a grouped forward of G=2, backward wants ``into`` of shape (2, parameters) exactly."""
+    xs, ys, loss = sigmoid_graph(pn.MeanSquareLoss)
+    sess = pn.Session(np.float64)
+    plan = sess.plan(loss)
+    rng = np.random.default_rng(8)
+    sess.forward(plan, {xs: rng.normal(size=(6, 20)), ys: labels(rng, 6, 3)}, groups=2)
+    P = plan.params.size
+    for into in (None, np.zeros((3, P)), np.zeros((2, P + 1)), np.zeros((2, P - 1)), np.zeros(2 * P),
+                 np.zeros((1, 2, P))):
+        raises(["grouped backward", f"(2, {P})", str(None if into is None else into.shape)],
+               sess.backward, plan, into)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grouped_backward_zeroes_the_rows_of_unreached_variables(dtype):
+    """A trainable Variable that the gradient does not flow to (here W1, marked
+    requires_grad=False before the graph is built on it: a frozen weight) is in the parameters
+    but in plan.unreached: its part of every row of ``into`` is zero, as its plain grad is."""
+    rng = np.random.default_rng(9)
+    xs, ys = pn.placeholder((None, 6), name="x"), pn.placeholder((None, 3), name="y")
+    W1, b1 = pn.Variable(rng.normal(size=(6, 8)), name="W1"), pn.Variable(rng.normal(size=8), name="b1")
+    W1.requires_grad = False
+    W2, b2 = pn.Variable(rng.normal(size=(8, 3)), name="W2"), pn.Variable(np.zeros(3), name="b2")
+    h = pn.nn.FullConnection(xs, W1, b1, pn.sigmoid)
+    loss = pn.SoftmaxCrossEntropy(pn.nn.FullConnection(h, W2, b2, pn.softmax), ys)
+    sess = pn.Session(dtype)
+    plan = sess.plan(loss)
+    assert plan.params.variables == [W1, b1, W2, b2] and plan.unreached == [W1] and plan.groupable
+    X, Y = rng.normal(size=(20, 6)).astype(dtype), labels(rng, 20, 3).astype(dtype)
+    W1.grad[...] = np.nan
+    losses, into = grouped_pass(sess, plan, {xs: X, ys: Y}, 4)
+    assert np.array_equal(plan.params.group_view(W1, into), np.zeros((4, 6, 8), dtype))
+    assert np.all(np.isnan(W1.grad))  # a grouped backward leaves the Variables' grad alone
+    for i in range(4):
+        loss_i, grad_i = plain_pass(sess, plan, {xs: X[5 * i:5 * i + 5], ys: Y[5 * i:5 * i + 5]})
+        assert np.all(W1.grad == 0)
+        assert np.array_equal(losses[i], loss_i) and np.array_equal(into[i], grad_i)
+        assert np.all(plan.params.group_view(b1, into)[i] != 0)
+
+
+def test_plain_pass_after_grouped_pass_is_plain_again():
+    """A grouped pass leaves nothing behind: the plain forward/backward, Session.run and an
+    optimizer step on the same plan and feed give the bits they gave before it."""
+    xs, ys, variables, _, out, loss = mlp()
+    sess = pn.Session(np.float64)
+    plan = sess.plan(loss)
+    rng = np.random.default_rng(10)
+    X, Y = rng.normal(size=(8, 6)), labels(rng, 8, 3)
+    feed = {xs: X, ys: Y}
+    before_loss, before_grads = plain_pass(sess, plan, feed)
+    before_out = sess.run(out, {xs: X})
+    before_run = sess.run(loss, feed, need_grad=True)
+    first_losses, first_rows = grouped_pass(sess, plan, feed, 2)
+    for groups in (2, 4, 8, 1):
+        grouped_pass(sess, plan, feed, groups)
+        assert all(op.groups == groups for op in plan.ops)
+        after_loss, after_grads = plain_pass(sess, plan, feed)
+        assert all(op.groups is None for op in plan.ops)
+        assert np.shape(loss.value) == () and after_loss.shape == ()
+        assert np.array_equal(after_loss, before_loss) and np.array_equal(after_grads, before_grads)
+        assert sess.run(loss, feed, need_grad=True) == before_run
+        assert np.array_equal(plan.params.grads, before_grads)
+        np.testing.assert_array_equal(sess.run(out, {xs: X}), before_out)
+    again_losses, again_rows = grouped_pass(sess, plan, feed, 2)  # and grouped again after plain
+    assert np.array_equal(again_losses, first_losses) and np.array_equal(again_rows, first_rows)
+    values = plan.params.values.copy()
+    sess.run(pn.train.GradientDescentOptimizer(0.5, loss), feed)
+    np.testing.assert_array_equal(plan.params.values, values - 0.5 * before_grads)
