@@ -4,12 +4,14 @@ Parts (all by default; pick some with flags):
   --gemm-check  does a row's GEMM result depend on how many rows the GEMM holds, or on the BLAS
                 thread count? (why each micro-shard gets its own forward/backward)
   --accuracy    real gradients: MNIST MLP micro-shard partials at batch 128 (and 1024) after a few
-                Adam steps; the error of the exact sum and of today's float sum against math.fsum
-                of the same partials, largest and median element error, float32 and float64
+                Adam steps; the error of the ordered sum, of the exact sum and of today's float sum
+                against math.fsum of the same partials, largest and median element error, float32
+                and float64
   --cost        the exact sum's own cost per micro-shard for the 101,770-parameter MLP (copy,
                 exponent, conversion and int64 accumulation) and per step (back to floats)
-  --throughput  training samples/s with and without --reproducible, side by side in one
-                ``mpiexec -n P`` run per case: P = 1, 2, 4; batch 128 and 1024; MLP and CNN
+  --throughput  training samples/s without --reproducible, with it (the ordered sum) and with
+                --reproducible exact, side by side in one ``mpiexec -n P`` run per case: P = 1,
+                2, 4; batch 128 and 1024; MLP and CNN
 
 Prints a table and one ``BENCH_JSON {...}`` line.
 """
@@ -121,6 +123,7 @@ def sum_errors(partials, dtype, ranks):
     else:  # float32 partials times w/N (a power of two here, else one float64 rounding, 2**-53)
         exact = np.array([math.fsum(col) for col in (g * (w[:, None] / N)).T])
     repro = _repro_as_trained(partials, dt, N)
+    ordered = _ordered_as_trained(partials, dt, N)
     # today: rank i's gradient is the float mean over its rows (a GEMM's float sum), here its
     # micro-shards' partials added in the training dtype; weighted by n_i P / N in that dtype,
     # summed over the ranks in rank order, times 1 / P: as DistributedOptimizer does
@@ -139,8 +142,10 @@ def sum_errors(partials, dtype, ranks):
     today = total * dt.type(1.0 / ranks)
     e_today = np.abs(today.astype(np.float64) - exact)
     e_repro = np.abs(repro.astype(np.float64) - exact)
+    e_ordered = np.abs(ordered.astype(np.float64) - exact)
     return {"max_today": float(e_today.max()), "median_today": float(np.median(e_today)),
             "max_repro": float(e_repro.max()), "median_repro": float(np.median(e_repro)),
+            "max_ordered": float(e_ordered.max()), "median_ordered": float(np.median(e_ordered)),
             "max_abs_grad": float(np.abs(exact).max()), "partials": len(partials)}
 
 
@@ -158,6 +163,16 @@ def _repro_as_trained(partials, dt, N):
     fp.settle()
     out = fp.to_float(fp.acc, np.empty(arrays[0].size, dt))
     return out * dt.type(1.0 / N)
+
+
+def _ordered_as_trained(partials, dt, N):
+    """The mean gradient the ordered reproducible sum applies: each partial times rows / m in
+    the training dtype, added along the micro-shard tree in that dtype, then times m / N as the
+    optimizer does with its grad_scale."""
+    micro = partials[0][1]
+    rows = np.stack([p if n == micro else p * dt.type(n / micro) for p, n in partials]).astype(dt)
+    out = rp.ordered_sum(rows, np.empty(rows.shape[1], dt))
+    return out * dt.type(micro / N)
 
 
 def _two_prod(a, b):
@@ -257,7 +272,8 @@ def throughput(args):
                 rows.append(json.loads(line[len(JSON_TAG):]))
                 r = rows[-1]
                 print(f"  {model} P={ranks} batch {batch}: plain {r['plain']:,.0f}/s, reproducible "
-                      f"{r['reproducible']:,.0f}/s, ratio {r['ratio']:.3f}", flush=True)
+                      f"{r['reproducible']:,.0f}/s, ratio {r['ratio']:.3f}; exact {r['exact']:,.0f}/s, "
+                      f"ratio {r['ratio_exact']:.3f}", flush=True)
     return rows
 
 
@@ -276,7 +292,7 @@ def worker(args):
 
     distributed.init(allreduce="auto", threads=1)
     contenders = {}
-    for name, repro in (("plain", False), ("reproducible", True)):
+    for name, repro in (("plain", False), ("reproducible", "ordered"), ("exact", "exact")):
         world = distributed.World(comm=MPI.COMM_WORLD.Dup(), allreduce="auto")
         model = MODELS[args.model](rng=np.random.default_rng(0))
         sess = Session(args.dtype, check_finite=False)
@@ -321,9 +337,10 @@ def worker(args):
     world = contenders["plain"][0]
     if world.rank == 0:
         plain, repro = statistics.median(rates["plain"]), statistics.median(rates["reproducible"])
+        exact = statistics.median(rates["exact"])
         print(JSON_TAG + json.dumps({"model": args.model, "dtype": args.dtype, "ranks": world.size, "batch": args.batch, "plain": plain,
-                                     "reproducible": repro, "ratio": repro / plain,
-                                     "micro": rp.micro_size(args.batch)}), flush=True)
+                                     "reproducible": repro, "ratio": repro / plain, "exact": exact,
+                                     "ratio_exact": exact / plain, "micro": rp.micro_size(args.batch)}), flush=True)
     for world, *_ in contenders.values():
         world.close()
 
@@ -363,11 +380,12 @@ def main(argv=None):
         result["accuracy"] = rows = accuracy(**({"batches": (128,), "dtypes": ("float32",), "steps": (0, 20)}
                                                  if args.quick else {}))
         print("\nmean-gradient error against math.fsum of the partials (MNIST MLP, micro-shard partials):")
-        print(f"{'dtype':>8} {'batch':>5} {'m':>4} {'step':>4} {'P':>2} {'max |g|':>9} {'max today':>10} {'max repro':>10} "
-              f"{'med today':>10} {'med repro':>10}")
+        print(f"{'dtype':>8} {'batch':>5} {'m':>4} {'step':>4} {'P':>2} {'max |g|':>9} {'max today':>10} {'max ordrd':>10} "
+              f"{'max exact':>10} {'med today':>10} {'med ordrd':>10} {'med exact':>10}")
         for r in rows:
             print(f"{r['dtype']:>8} {r['batch']:>5} {r['micro']:>4} {r['step']:>4} {r['ranks']:>2} {r['max_abs_grad']:9.2e} "
-                  f"{r['max_today']:10.2e} {r['max_repro']:10.2e} {r['median_today']:10.2e} {r['median_repro']:10.2e}")
+                  f"{r['max_today']:10.2e} {r['max_ordered']:10.2e} {r['max_repro']:10.2e} {r['median_today']:10.2e} "
+                  f"{r['median_ordered']:10.2e} {r['median_repro']:10.2e}")
     if "cost" in parts:
         result["cost"] = c = cost()
         print(f"\nexact sum's cost, {c['parameters']:,} float32 parameters: {c['per_micro_shard_us']:.0f} µs per "
@@ -393,12 +411,13 @@ def markdown_accuracy(results):
     if not rows:
         return None
     ranks = max(r["ranks"] for r in rows)
-    lines = ["| dtype | batch | m | step | largest \\|g\\| | max error today | max error exact sum | median today "
-             "| median exact sum |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| dtype | batch | m | step | largest \\|g\\| | max error: today | ordered | exact "
+             "| median error: today | ordered | exact |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["ranks"] == ranks:
             lines.append(f"| {r['dtype']} | {r['batch']} | {r['micro']} | {r['step']} | {_e(r['max_abs_grad'])} | "
-                         f"{_e(r['max_today'])} | {_e(r['max_repro'])} | {_e(r['median_today'])} | {_e(r['median_repro'])} |")
+                         f"{_e(r['max_today'])} | {_e(r['max_ordered'])} | {_e(r['max_repro'])} | "
+                         f"{_e(r['median_today'])} | {_e(r['median_ordered'])} | {_e(r['median_repro'])} |")
     return "\n".join(lines)
 
 
@@ -409,14 +428,16 @@ def markdown_throughput(results):
     if not rows:
         return None
     procs = sorted({r["ranks"] for r in rows})
-    table = {}  # (model, dtype, batch, m) -> {P: ratio}, in the order measured
+    table = {}  # (model, dtype, batch, m) -> {P: row}, in the order measured
     for r in rows:
-        table.setdefault((r["model"], r["dtype"], r["batch"], r["micro"]), {})[r["ranks"]] = r["ratio"]
-    lines = ["| model, dtype | batch | m | " + " | ".join(f"P = {p}" for p in procs) + " |",
-             "|---|---:|---:|" + "---:|" * len(procs)]
+        table.setdefault((r["model"], r["dtype"], r["batch"], r["micro"]), {})[r["ranks"]] = r
+    lines = ["| model, dtype | batch | m | " + " | ".join(f"ordered, P = {p}" for p in procs) + " | "
+             + " | ".join(f"exact, P = {p}" for p in procs) + " |",
+             "|---|---:|---:|" + "---:|" * (2 * len(procs))]
     for (model, dtype, batch, micro), by_p in table.items():
-        lines.append(f"| {model.upper()} {dtype} | {batch} | {micro} | "
-                     + " | ".join(f"{by_p[p]:.2f}" if p in by_p else "" for p in procs) + " |")
+        cells = [f"{by_p[p]['ratio']:.2f}" if p in by_p else "" for p in procs]
+        cells += [f"{by_p[p]['ratio_exact']:.2f}" if p in by_p and "ratio_exact" in by_p[p] else "" for p in procs]
+        lines.append(f"| {model.upper()} {dtype} | {batch} | {micro} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -405,16 +405,24 @@ class Session:
         ``groups``: the fed rows are G equal micro-shards, evaluated stacked (one GEMM call a
         layer for all of them, each micro-shard's rows computed as if alone): the loss's value
         is then one number a micro-shard. Only for a ``plan.groupable`` plan."""
-        if groups is not None and not plan.groupable:
-            raise GraphError(f"{plan.order[-1]!r}: its graph cannot run micro-shards stacked (an op is not groupable)")
+        if groups is not None:
+            if not plan.groupable:
+                raise GraphError(f"{plan.order[-1]!r}: its graph cannot run micro-shards stacked (an op is not groupable)")
+            if not isinstance(groups, (int, np.integer)) or groups < 1:
+                raise GraphError(f"{plan.order[-1]!r}: groups must be a positive number of micro-shards, got {groups!r}")
         for op in plan.ops:
-            op.groups = groups
+            op.groups = None  # until every feed is checked
         for ph in plan.placeholders:
             if ph not in feed_dict:
                 raise GraphError(
                     f"placeholder '{ph.name}' of shape {_fmt_shape(ph.shape)} is needed but missing from feed_dict"
                 )
             ph.value = ph.feed(feed_dict[ph], self.dtype, self.check_finite)
+            if groups is not None and (ph.value.ndim == 0 or len(ph.value) % groups):
+                raise GraphError(f"placeholder '{ph.name}': {groups} equal micro-shards need a row count divisible by "
+                                 f"{groups}, got shape {_fmt_shape(ph.value.shape)}")
+        for op in plan.ops:
+            op.groups = groups
         for op, inputs in plan.forward_calls:
             op.value = op.forward(*[n.value for n in inputs])
 
@@ -428,16 +436,19 @@ class Session:
         groups = plan.ops[-1].groups if plan.ops else None
         if groups is None and np.size(out_node.value) != 1:
             raise GraphError(f"{out_node!r}: gradients need a scalar node, got shape {np.shape(out_node.value)}")
-        if groups is not None and (into is None or into.shape != (groups, plan.params.size)):
-            raise GraphError(f"{out_node!r}: a grouped backward needs an array of shape ({groups}, {plan.params.size}) "
-                             f"for the gradients, got {None if into is None else into.shape}")
+        if groups is not None:
+            size = plan.params.size if plan.params is not None else 0
+            if into is None or into.shape != (groups, size) or into.dtype != self.dtype:
+                got = None if into is None else f"{_fmt_shape(into.shape)} {into.dtype}"
+                raise GraphError(f"{out_node!r}: a grouped backward needs a {self.dtype} array of shape "
+                                 f"({groups}, {size}) for the gradients, got {got}")
         seed, calls = self._backward_calls(plan, into if groups is not None else None)
         seed.fill(1)
         for op, g, outs, fan_outs in calls:
             op.backward(g, outs)
             for acc, scratch in fan_outs:  # an input with several consumers: add this one's share
                 acc += scratch
-        for v in plan.unreached:
+        for v in plan.unreached:  # (a plan without Variables has none)
             if groups is None:
                 v.grad[...] = 0
             else:

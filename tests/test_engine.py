@@ -639,6 +639,27 @@ def test_grouped_backward_refuses_a_wrongly_shaped_into():
                  np.zeros((1, 2, P))):
         raises(["grouped backward", f"(2, {P})", str(None if into is None else into.shape)],
                sess.backward, plan, into)
+    # the right shape in another dtype would round the rows differently: refused too
+    raises(["grouped backward", "float64", "float32"], sess.backward, plan, np.zeros((2, P), np.float32))
+
+
+def test_grouped_forward_refuses_rows_it_cannot_cut_evenly():
+    """G micro-shards must be equal: a row count G does not divide, or a G that is not a
+    positive whole number, is refused naming the placeholder or the value (not a reshape error
+    deep in an op, and not silently wrong losses in a graph without GEMMs)."""
+    a, b = pn.placeholder((None, 4), name="a"), pn.placeholder((None, 4), name="b")
+    no_gemm = pn.SoftmaxCrossEntropy(pn.softmax(pn.sin(a)), b)
+    xs, ys, mse = sigmoid_graph(pn.MeanSquareLoss)
+    rng = np.random.default_rng(10)
+    sess = pn.Session(np.float64)
+    for loss, feed in ((no_gemm, {a: rng.normal(size=(10, 4)), b: labels(rng, 10, 4)}),
+                       (mse, {xs: rng.normal(size=(10, 20)), ys: labels(rng, 10, 3)})):
+        plan = sess.plan(loss)
+        raises(["3 equal micro-shards", "divisible by 3", "(10, "], sess.forward, plan, feed, groups=3)
+        for bad in (0, -1, 2.5):
+            raises(["groups must be a positive number", repr(bad)], sess.forward, plan, feed, groups=bad)
+        sess.forward(plan, feed, groups=2)  # 10 rows in 2 micro-shards of 5: fine
+        assert np.shape(loss.value) == (2,)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
