@@ -472,7 +472,7 @@ class SharedPartials:
         """This rank's rows (``counts[rank]`` of them, after the lower ranks'), to write the values
         of its tree nodes into; ``slots``: the integer slots a rank sends (default 4 + rows)."""
         self._k = sum(counts)
-        self._allocate(self._k, n, np.dtype(dtype), slots or 4 + 2 * self._k)
+        self._allocate(self._k, n, np.dtype(dtype), slots or 4 + 2 * self._k)  # the last slot: finish()'s flag
         first = sum(counts[:self.rank])
         return self.parts[first:first + counts[self.rank]]
 
@@ -491,10 +491,12 @@ class SharedPartials:
         tails = self.slots[:, :tail.size].sum(axis=0)
         return self.parts[:self._k, self._mine], self.sum_row[self._mine], tails
 
-    def finish(self):
-        """Once this rank's slice is summed: the whole sum (a view, valid until the next step)."""
+    def finish(self, bad=False):
+        """Once this rank's slice is summed: (the whole sum, a view valid until the next step;
+        whether any rank's slice ``bad``: not finite), through the last integer slot of each rank."""
+        self.slots[self.rank, -1] = bool(bad)
         self._barrier()
-        return self.sum_row
+        return self.sum_row, bool(self.slots[:, -1].any())
 
     def close(self):
         for w in self._wins:
@@ -547,9 +549,10 @@ class MpiPartials:
         self.waited("sum over the ranks", self.comm.Allreduce, MPI.IN_PLACE, tails, op=MPI.SUM)
         return self._recv, self._sum[self._mine], tails
 
-    def finish(self):
+    def finish(self, bad=False):
+        """(the whole sum, None: every rank holds it all and looks at it for non-finite values)."""
         self.waited("sum over the ranks", self.comm.Allgatherv, MPI.IN_PLACE, [self._sum, self._gatherspec])
-        return self._sum
+        return self._sum, None
 
     def close(self):
         pass

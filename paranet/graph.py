@@ -464,10 +464,11 @@ class Session:
         """
         shapes = tuple(ph.value.shape for ph in plan.placeholders)
         storage = plan.params.grad_storage if plan.params is not None else None
+        where = None if into is None else (into.__array_interface__["data"][0], into.shape, into.strides, into.dtype)
         key = plan.backward_key
-        if key is not None and key[0] == shapes and key[1] is storage and key[2] is into:
+        if key is not None and key[0] == shapes and key[1] is storage and key[2] == where:
             return plan.backward_calls
-        key = (shapes, storage, into)
+        key = (shapes, storage, where)
         fan_out, calls = Plan.FAN_OUT, []
 
         def grad_of(node):

@@ -369,6 +369,55 @@ def ordered_sum(rows, out, scratch=None):
     return tree_sum([(0, j) for j in range(rows.shape[0])], rows, rows.shape[0], out, scratch)
 
 
+class RunSum:
+    """A rank's run of micro-shards added up along the sum tree as their partials come
+    (``tree_nodes``): each is merged with its left sibling as soon as both are there, straight
+    into the row the merged node ships in (``rows``, one per node of the run) or a spare array,
+    while the partials are still in cache. ``finish`` leaves every node of the run in its row.
+
+    ``add(i, value, kept)``: the run's i-th partial; ``kept`` False when ``value`` lies in a
+    buffer the next pass overwrites (``settle`` then copies what still needs it)."""
+
+    def __init__(self, first, nodes, rows, spares):
+        self.first = first
+        self.home = {j << level: row for row, (level, j) in zip(rows, nodes)}
+        self.free = list(spares)
+        self.stack = []  # (level, index, array, kept) of the nodes so far, left to right
+
+    def _place(self, level, j):
+        """Where node (level, j) goes: the row it ships in, or a spare array."""
+        row = self.home.get(j << level)
+        return row if row is not None else self.free.pop()
+
+    def add(self, i, value, kept):
+        level, j = 0, self.first + i
+        while j % 2 == 1 and self.stack and self.stack[-1][:2] == (level, j - 1):
+            _, _, left, left_kept = self.stack.pop()
+            level, j = level + 1, j // 2
+            dest = left if left_kept else self._place(level, j)
+            np.add(left, value, out=dest)  # left + right: the tree's addition (IEEE + commutes)
+            if kept and value is not dest and not any(value is r for r in self.home.values()):
+                self.free.append(value)  # a spare that held the right half
+            value, kept = dest, True
+        self.stack.append((level, j, value, kept))
+
+    def settle(self):
+        """Copy the nodes that still lie in a pass's buffer to their place."""
+        for n, (level, j, value, kept) in enumerate(self.stack):
+            if not kept:
+                dest = self._place(level, j)
+                np.copyto(dest, value)
+                self.stack[n] = (level, j, dest, True)
+
+    def finish(self):
+        """Every node of the run in its row (they are all nodes this rank ships)."""
+        for level, j, value, _ in self.stack:
+            row = self.home[j << level]
+            if not np.may_share_memory(value, row):
+                np.copyto(row, value)
+        self.stack = []
+
+
 class LocalPartials:
     """The ordered sum's exchange for one process: the rows it ships are all the rows."""
 
@@ -393,9 +442,10 @@ class LocalPartials:
         slice, in rank order; where this slice's sum goes; the ranks' ``tail`` slots summed)."""
         return self._rows[:self._k], self._sum, tail
 
-    def finish(self):
-        """The whole sum, once every slice's is written."""
-        return self._sum
+    def finish(self, bad=False):
+        """(the whole sum, whether a slice's sum was not finite), once every slice's is written
+        (``bad``: this rank's slice's; None from an exchange means: look at the whole sum)."""
+        return self._sum, bool(bad)
 
 
 # -- reproducible steps and evaluation -------------------------------------------------------
@@ -514,7 +564,8 @@ class MicroShardSteps:
             self._grad_sum = np.empty(params.size, params.dtype)
         return self._buf
 
-    def _micro_shards(self, session, plan, feed, n_global, micro, begin, ks, tail, keep, metric):
+    def _micro_shards(self, session, plan, feed, n_global, micro, begin, ks, tail, keep, metric, into_for=None,
+                      settle=None):
         """Forward and backward on each micro-shard ``ks`` alone; ``keep(i, count, grads)``
         stores the i-th one's partial gradient (``grads``, valid until the next pass); its loss
         sum goes to tail[TAIL + k]. Returns the correct predictions (``metric``).
@@ -522,7 +573,9 @@ class MicroShardSteps:
         When the graph allows it (``plan.groupable``), the full micro-shards run stacked, in
         one grouped forward and backward (``Session.forward``'s groups): one GEMM call a layer
         for all of them, each micro-shard's rows computed as if alone; a short last one runs
-        by itself."""
+        by itself. ``into_for(i, G)``: where the grouped backward of micro-shards i.. writes,
+        if not the usual buffer (then ``keep`` is told they are in place); ``settle()``: called
+        before a pass overwrites the previous one's buffers."""
         loss = plan.order[-1]
         n_local = len(feed[loss.root])
         cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
@@ -539,11 +592,16 @@ class MicroShardSteps:
         while done < len(full):
             G = min(chunk, len(full) - done)
             a = micro_shard(n_global, micro, full[done])[0] - begin
+            if settle is not None:
+                settle()
             session.forward(plan, rows(a, G * micro), groups=G)
-            into = self._group_grads(G, plan.params)
+            into = into_for(done, G) if into_for is not None else None
+            placed = into is not None
+            if into is None:
+                into = self._group_grads(G, plan.params)
             session.backward(plan, into)
             for i in range(G):
-                keep(done + i, micro, into[i])
+                keep(done + i, micro, into[i], placed)
                 tail[self.TAIL + full[done + i]] = _float_bits(float(loss.value[i]) * micro)
             if metric is not None:
                 correct += int(metric(slice(a, a + G * micro)))
@@ -551,6 +609,8 @@ class MicroShardSteps:
         for i in range(done, len(ks)):
             lo, count = micro_shard(n_global, micro, ks[i])
             a = lo - begin
+            if settle is not None:
+                settle()
             session.forward(plan, rows(a, count))
             session.backward(plan)
             keep(i, count, plan.params.grads)
@@ -611,7 +671,6 @@ class MicroShardSteps:
         total_k = num_micro_shards(n_global, micro)
         nodes, counts, mine, first = self._plan_tree(n_global, micro)
         ship = self.partials.rows(counts, params.size, params.dtype)  # this rank's nodes' values go here
-        home = {j << level: row for row, (level, j) in zip(ship, mine)}  # a node's start -> its row (one view each)
         if self._tail.size != self.TAIL + total_k:
             self._tail = np.zeros(self.TAIL + total_k, np.int64)
         tail = self._tail
@@ -620,33 +679,27 @@ class MicroShardSteps:
         if not self._spare or len(self._spare) < spares or self._spare[0].shape != (params.size,) \
                 or self._spare[0].dtype != params.dtype:
             self._spare = [np.empty(params.size, params.dtype) for _ in range(spares)]
-        free = list(self._spare)  # arrays for nodes not (yet) in a row of ``ship``
-        stack = []  # (level, index, array) of the nodes summed so far, left to right
+        run = RunSum(first, mine, ship, self._spare)
+        alone = {j: q for q, (level, j) in enumerate(mine) if level == 0}  # micro-shards shipped as they are
 
-        def keep(i, count, grads):
-            # this micro-shard's partial, weighted by rows / m (exact in binary: m is a power of
-            # two), merged with its left sibling as soon as both are there: the tree's additions
-            value = grads
+        def keep(i, count, grads, placed=False):
+            # this micro-shard's partial, weighted by rows / m (exact in binary: m is a power of two)
             if count != micro:
-                value = np.multiply(grads, params.dtype.type(count / micro), out=free.pop())
-            level, j = 0, first + i
-            while j % 2 == 1 and stack and stack[-1][:2] == (level, j - 1):
-                left = stack.pop()[2]
-                np.add(left, value, out=left)  # the sum lives where its left half did
-                if value is not grads:
-                    free.append(value)
-                value, level, j = left, level + 1, j // 2
-            row = home.get(j << level)
-            if row is not None and value is not row:  # a node this rank ships: into its row
-                np.copyto(row, value)
-                if value is not grads:
-                    free.append(value)
-                value = row
-            elif value is grads:  # a node merged later: out of the pass's gradient buffer
-                value = np.copyto(free[-1], value) or free.pop()
-            stack.append((level, j, value))
+                run.add(i, np.multiply(grads, params.dtype.type(count / micro), out=run.free.pop()), True)
+            else:
+                run.add(i, grads, placed)
 
-        correct = self._micro_shards(session, plan, feed, n_global, micro, begin, ks, tail, keep, metric)
+        def into_for(i, groups):
+            """A grouped pass over the run's micro-shards i.. writes straight into their rows when
+            each is a node of its own, in consecutive rows (e.g. one micro-shard a rank)."""
+            q = alone.get(first + i)
+            if q is None or any(alone.get(first + i + d) != q + d for d in range(groups)):
+                return None
+            return ship[q:q + groups]
+
+        correct = self._micro_shards(session, plan, feed, n_global, micro, begin, ks, tail, keep, metric,
+                                     into_for=into_for, settle=run.settle)
+        run.finish()
         tail[self.COUNT], tail[self.STOP], tail[self.CORRECT] = len(feed[plan.order[-1].root]), round(stop * STOP_UNIT), correct
         t0 = time.perf_counter()
         columns, out, tails = self.partials.gather(tail)
@@ -655,13 +708,13 @@ class MicroShardSteps:
                 or self._scratch.dtype != out.dtype:
             self._scratch = np.empty((2 * top, out.size), out.dtype)
         tree_sum(nodes, columns, total_k, out, self._scratch[:, :out.size])
-        summed = self.partials.finish()
+        summed, bad = self.partials.finish(not _all_finite(out))
         self.comm_seconds += time.perf_counter() - t0
         count, stop_total, correct_total = (int(v) for v in tails[:self.TAIL])
         if count != n_global:
             raise RuntimeError(f"ranks disagree on the global batch: {count} rows summed, {n_global} expected")
         losses = _floats(tails[self.TAIL:self.TAIL + total_k])
-        if not _all_finite(summed):  # every rank holds the same sum: all of them come here
+        if bad or (bad is None and not _all_finite(summed)):  # every rank holds the same verdict: all come here
             self._name_non_finite(losses, nodes, columns, n_global, micro, step, summed.dtype)
         return summed, micro / n_global, count, fsum_or_nan(losses), correct_total, stop_total / STOP_UNIT
 
@@ -699,10 +752,12 @@ class MicroShardSteps:
         tail = buf[nw:]
         tail[...] = 0
 
-        def keep(i, count, grads):
-            np.copyto(self._stash[i], grads)
+        def keep(i, count, grads, placed=False):
+            if not placed:
+                np.copyto(self._stash[i], grads)
 
-        correct = self._micro_shards(session, plan, feed, n_global, micro, begin, ks, tail, keep, metric)
+        correct = self._micro_shards(session, plan, feed, n_global, micro, begin, ks, tail, keep, metric,
+                                     into_for=lambda i, groups: self._stash[i:i + groups])
         partials = [self._stash[i] for i in range(len(ks))]
         code = exponent_of([self._stash[:len(ks)]] if ks else [])  # one max, one min
         if code >= NONFINITE:  # which partial: look again one by one
