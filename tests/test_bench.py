@@ -276,23 +276,25 @@ def test_reproducible_and_watchdog_tables_render_the_readme_rows():
     from bench import reproducible, watchdog
 
     acc = lambda dtype, batch, m, step, ranks, *errs: dict(zip(
-        ("dtype", "batch", "micro", "step", "ranks", "max_abs_grad", "max_today", "max_repro", "median_today",
-         "median_repro"), (dtype, batch, m, step, ranks, *errs)), partials=batch // m)
-    res = {"accuracy": [acc("float32", 128, 64, 0, 2, 0.43, 1e-8, 1e-8, 5e-11, 5e-11),
-                        acc("float32", 128, 64, 0, 4, 0.4312, 1.53e-8, 1.5e-8, 5.8e-11, 5.8e-11),
-                        acc("float64", 1024, 128, 200, 4, 7.2e-4, 1.4e-19, 0.0, 4.2e-22, 0.0)],
-           "throughput": [{"model": m, "dtype": "float32", "ranks": p, "batch": b, "micro": b // 16 if b > 128 else 64,
-                           "plain": 1.0, "reproducible": r, "ratio": r}
-                          for m, b, p, r in (("mlp", 128, 1, 0.69), ("mlp", 128, 2, 0.63), ("mlp", 1024, 1, 0.8249),
-                                             ("mlp", 1024, 2, 0.69), ("cnn", 128, 1, 1.014), ("cnn", 128, 2, 0.95))]}
+        ("dtype", "batch", "micro", "step", "ranks", "max_abs_grad", "max_today", "max_ordered", "max_repro",
+         "median_today", "median_ordered", "median_repro"), (dtype, batch, m, step, ranks, *errs)), partials=batch // m)
+    res = {"accuracy": [acc("float32", 128, 32, 0, 2, 0.43, 1e-8, 1e-8, 1e-8, 5e-11, 5e-11, 5e-11),
+                        acc("float32", 128, 32, 0, 4, 0.4312, 1.53e-8, 1.52e-8, 1.5e-8, 5.8e-11, 5.9e-11, 5.8e-11),
+                        acc("float64", 1024, 128, 200, 4, 7.2e-4, 1.4e-19, 1.1e-19, 0.0, 4.2e-22, 4.2e-22, 0.0)],
+           "throughput": [{"model": m, "dtype": "float32", "ranks": p, "batch": b, "micro": b // 8 if b > 128 else 32,
+                           "plain": 1.0, "reproducible": r, "ratio": r, "exact": e, "ratio_exact": e}
+                          for m, b, p, r, e in (("mlp", 128, 1, 0.69, 0.5), ("mlp", 128, 2, 0.63, 0.49),
+                                                ("mlp", 1024, 1, 0.8249, 0.8), ("mlp", 1024, 2, 0.69, 0.7),
+                                                ("cnn", 128, 1, 1.014, 1.0), ("cnn", 128, 2, 0.95, 0.925))]}
     text = reproducible.markdown_accuracy(res).splitlines()
-    assert text[0].startswith("| dtype | batch | m | step | largest \\|g\\| | max error today |")
-    assert text[2:] == ["| float32 | 128 | 64 | 0 | 4.3e-1 | 1.5e-8 | 1.5e-8 | 5.8e-11 | 5.8e-11 |",
-                        "| float64 | 1024 | 128 | 200 | 7.2e-4 | 1.4e-19 | 0 | 4.2e-22 | 0 |"]
+    assert text[0].startswith("| dtype | batch | m | step | largest \\|g\\| | max error: today | ordered | exact |")
+    assert text[2:] == ["| float32 | 128 | 32 | 0 | 4.3e-1 | 1.5e-8 | 1.5e-8 | 1.5e-8 | 5.8e-11 | 5.9e-11 | 5.8e-11 |",
+                        "| float64 | 1024 | 128 | 200 | 7.2e-4 | 1.4e-19 | 1.1e-19 | 0 | 4.2e-22 | 4.2e-22 | 0 |"]
     text = reproducible.markdown_throughput(res).splitlines()
-    assert text[0] == "| model, dtype | batch | m | P = 1 | P = 2 |"
-    assert text[2:] == ["| MLP float32 | 128 | 64 | 0.69 | 0.63 |", "| MLP float32 | 1024 | 64 | 0.82 | 0.69 |",
-                        "| CNN float32 | 128 | 64 | 1.01 | 0.95 |"]
+    assert text[0] == "| model, dtype | batch | m | ordered, P = 1 | ordered, P = 2 | exact, P = 1 | exact, P = 2 |"
+    assert text[2:] == ["| MLP float32 | 128 | 32 | 0.69 | 0.63 | 0.50 | 0.49 |",
+                        "| MLP float32 | 1024 | 128 | 0.82 | 0.69 | 0.80 | 0.70 |",
+                        "| CNN float32 | 128 | 32 | 1.01 | 0.95 | 1.00 | 0.93 |"]
     assert reproducible.markdown_throughput({"accuracy": res["accuracy"]}) is None  # --accuracy alone
 
     text = watchdog.markdown({"ranks": 2, "batch": 128, "blocks": 6, "block_steps": 25, "step_ms_off": 5.96,
