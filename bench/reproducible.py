@@ -299,9 +299,7 @@ def worker(args):
         dopt = distributed.DistributedOptimizer(GradientDescentOptimizer(0.01, model.loss), world=world, reproducible=repro)
         dopt.broadcast_state(sess.parameters(model.loss))
         reader = BatchReader(default_data_path(), "train", rank=world.rank, size=world.size, batch_size=args.batch,
-                             prefetch=False, dtype=args.dtype)
-        if repro:
-            rp.use_micro_shards(reader)
+                             prefetch=False, dtype=args.dtype, micro_shards=bool(repro))
         it = iter(reader.epoch(0))
         batches = [next(it) for _ in range(4)]
         contenders[name] = (world, model, sess, dopt, batches)

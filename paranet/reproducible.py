@@ -833,11 +833,3 @@ class MicroShardSteps:
         vec = np.array([count, correct] + slots, np.int64)
         vec = (allreduce or self.sum_over_ranks)(vec)
         return int(vec[0]), fsum_or_nan(_floats(vec[2:])), int(vec[1])
-
-
-def use_micro_shards(reader):
-    """Make a BatchReader give this rank whole micro-shards of every global batch
-    (``shard_range`` with ``micro_size``) instead of an even split of the rows."""
-    rank, size = reader.rank, reader.size
-    reader.shard = lambda n_global: shard_range(n_global, rank, size, micro_size(n_global))
-    return reader

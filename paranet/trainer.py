@@ -243,11 +243,9 @@ class Trainer:
     def _micro_shard_readers(self):
         """reproducible: every reader hands this rank whole micro-shards (paranet.reproducible)."""
         if self.optimizer.reproducible:
-            from .reproducible import use_micro_shards
-
             for reader in (self.train_reader, self.val_reader, self.test_reader):
                 if reader is not None:
-                    use_micro_shards(reader)
+                    reader.micro_shards = True
 
     @property
     def steps_per_epoch(self):

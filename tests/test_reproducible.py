@@ -282,6 +282,57 @@ def small_h5(tmp_path_factory):
     return write_dataset(tmp_path_factory.mktemp("repro") / "small.h5", num_classes=10, **splits)
 
 
+def test_reader_hands_each_rank_whole_micro_shards(small_h5):
+    """BatchReader(micro_shards=True): at P = 1..5 each rank's rows of every batch are the run of
+    whole micro-shards shard_range gives it, and the ranks' rows put together are the batch one
+    process reads (the same rows, bytes and order), short last batch included."""
+    from paranet.data import BatchReader
+
+    def batches(rank, size, micro_shards):
+        with BatchReader(small_h5, "train", rank=rank, size=size, batch_size=128, prefetch=False,
+                         micro_shards=micro_shards) as r:
+            return [(b.x.copy(), b.y.copy(), b.n_global) for b in r.epoch(1)]
+
+    whole = batches(0, 1, False)
+    assert [n for _, _, n in whole] == [128, 128, 44]
+    for size in (1, 2, 3, 4, 5):
+        per_rank = [batches(rank, size, True) for rank in range(size)]
+        for step, (x, y, n) in enumerate(whole):
+            for rank in range(size):
+                begin, count = rp.shard_range(n, rank, size, rp.micro_size(n))
+                assert len(per_rank[rank][step][0]) == count
+            assert np.array_equal(np.concatenate([p[step][0] for p in per_rank]), x)
+            assert np.array_equal(np.concatenate([p[step][1] for p in per_rank]), y)
+    # without the option: np.array_split's rule, which differs from whole micro-shards at P = 3
+    plain = [batches(rank, 3, False)[0][0] for rank in range(3)]
+    assert [len(x) for x in plain] == [43, 43, 42]
+    assert [len(p[0][0]) for p in [batches(rank, 3, True) for rank in range(3)]] == [64, 32, 32]
+
+
+def test_the_loss_sum_adds_the_micro_shards_with_fsum():
+    """The step's loss sum is math.fsum of the micro-shards' (rows x mean loss), not a float sum
+    in some order: micro-shard losses of 2**53 and then 0.5, 0.5, 0.5 (times 32 rows: 2**58 and
+    16, 16, 16) add to 2**58 + 48 rounded once (2**58 + 64), where left-to-right float addition
+    loses every 16 (half an ulp of 2**58 is 32)."""
+    import paranet as pn
+    from paranet.graph import Session
+
+    x, y = pn.placeholder((None, 1), name="x"), pn.placeholder((None, 1), name="y")
+    W = pn.Variable(np.ones((1, 1)), name="W")
+    loss = pn.MeanSquareLoss(pn.matmul(x, W), y)
+    sess = Session(np.float64)
+    plan = sess.plan(loss)
+    steps = rp.MicroShardSteps(0, 1, lambda b: b, lambda v: v, partials=rp.LocalPartials())
+    X = np.concatenate([np.full((32, 1), 2.0 ** 27), np.ones((96, 1))])  # mean losses 0.5 * x**2
+    _, scale, count, loss_sum, _, _ = steps.step(sess, plan, {x: X, y: np.zeros((128, 1))}, 128)
+    means = [sess.run(loss, {x: X[k * 32:(k + 1) * 32], y: np.zeros((32, 1))}) for k in range(4)]  # each alone
+    assert means == [2.0 ** 53, 0.5, 0.5, 0.5]
+    parts = [m * 32 for m in means]
+    assert count == 128 and scale == 32 / 128
+    assert loss_sum == math.fsum(parts)
+    assert sum(parts) != math.fsum(parts)  # the float sum in this order would differ
+
+
 def _train(tmp_path, tag, nprocs, *args, extra_env=None):
     out = tmp_path / tag
     run_train(nprocs, "--reproducible", *args, "--checkpoint", f"{out}.ckpt.h5", "--metrics", f"{out}.json",

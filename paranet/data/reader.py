@@ -164,7 +164,8 @@ class BatchReader:
     """
 
     def __init__(self, path, split, rank=0, size=1, batch_size=128, seed=0, one_hot=True,
-                 dtype=np.float32, prefetch=True, shuffle=True, *, num_classes=None, sample_shape=None):
+                 dtype=np.float32, prefetch=True, shuffle=True, *, num_classes=None, sample_shape=None,
+                 micro_shards=False):
         self.path = Path(path)
         self.split = split
         _check_int(size, "size", 1, self.path)
@@ -181,6 +182,7 @@ class BatchReader:
         self.rank, self.size, self.batch_size, self.seed = int(rank), int(size), int(batch_size), int(seed)
         self.one_hot, self.dtype = bool(one_hot), np.dtype(dtype)
         self.prefetch, self.shuffle = bool(prefetch), bool(shuffle)
+        self.micro_shards = bool(micro_shards)  # whole micro-shards a rank (--reproducible): see shard()
         self._expect = {"num_classes": num_classes,
                         "sample_shape": None if sample_shape is None else tuple(int(d) for d in sample_shape)}
         self.rows_read = 0
@@ -360,7 +362,13 @@ class BatchReader:
         return offset, starts, lengths
 
     def shard(self, n_global):
-        """Return (begin, count) of this rank's slice of a global batch of n_global rows."""
+        """Return (begin, count) of this rank's slice of a global batch of n_global rows: the
+        rows split as np.array_split splits them, or with ``micro_shards`` (--reproducible) a
+        contiguous run of whole micro-shards (``paranet.reproducible.shard_range``)."""
+        if self.micro_shards:
+            from ..reproducible import micro_size, shard_range
+
+            return shard_range(n_global, self.rank, self.size, micro_size(n_global))
         base, extra = divmod(n_global, self.size)
         return self.rank * base + min(self.rank, extra), base + (self.rank < extra)
 
