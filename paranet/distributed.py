@@ -424,15 +424,17 @@ class SharedMemoryAllreduce:
 class SharedPartials:
     """The ordered reproducible sum's exchange on one machine (``paranet.reproducible``).
 
-    One MPI-3 shared window holds a row per micro-shard of the global batch, and a row for the
-    sum; another, one row of integer slots per rank. A step:
+    One MPI-3 shared window holds a row per tree node the ranks ship (at most one per
+    micro-shard of the global batch), and a row for the sum; another, one row of integer
+    slots per rank. A step:
 
-    1. each rank writes its micro-shards' partial gradients into their rows (``rows``) and its
-       slots, then ``gather``: barrier;
-    2. each rank adds its slice of the columns over all rows, in micro-shard order, into its
-       slice of the sum row (``ordered_sum``, reading the peers' rows directly), and adds the
-       slots of all ranks;
-    3. ``finish``: barrier; every rank reads the whole sum row.
+    1. each rank writes the values of its tree nodes into its rows (``rows``) and its slots,
+       then ``gather``: barrier;
+    2. each rank adds its slice of the columns of all rows along the sum tree into its slice
+       of the sum row (``tree_sum``, reading the peers' rows directly), and adds the slots of
+       all ranks;
+    3. ``finish``: barrier; every rank reads the whole sum row, and whether any rank found its
+       slice not finite.
 
     The partials travel once, in the training dtype, and each rank sums 1/P of the columns: what
     the plain path's ``SharedMemoryAllreduce`` does for one row a rank. Races are excluded as

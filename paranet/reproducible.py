@@ -6,24 +6,28 @@ things hold (issue 12):
 1. **Samples are grouped the same way at every P.** A global batch of N rows is cut into
    micro-shards of ``m = micro_size(N)`` rows (the last one shorter), and each rank gets a
    contiguous run of whole micro-shards (``shard_range``). Each micro-shard's gradient is
-   computed alone, by its own forward and backward over exactly its rows, so its bits do not
-   depend on which rank holds it. (A row's GEMM result does depend on how many rows the GEMM
-   holds, and on the BLAS thread count: see ``bench/reproducible.py --gemm-check``.)
+   computed over exactly its rows, one GEMM per micro-shard, so its bits do not depend on which
+   rank holds it. (A row's GEMM result does depend on how many rows the GEMM holds, and on the
+   BLAS thread count: see ``bench/reproducible.py --gemm-check``.) A rank's full micro-shards
+   run in one grouped forward and backward where the graph allows it (``Session.forward``'s
+   ``groups``: numpy's stacked matmul, one GEMM a micro-shard in one call).
 2. **The partials are combined by a sum that P does not change.** Two are offered:
 
-   - ``"ordered"`` (the default): the sum in micro-shard order, pairwise, in the training
-     dtype (``ordered_sum``). The ranks exchange their partials so that each holds every
-     micro-shard's partial for a slice of the columns (memory shared by the ranks of a
-     machine, or MPI_Alltoallv), sums its slice, and the slices are gathered: every element
-     is the same sequence of additions at any P. It costs about what the plain float sum
-     does, and its rounding is that of a float sum (at most ceil(log2 k) additions).
+   - ``"ordered"`` (the default): pairwise summation along one binary tree over the
+     micro-shard indices, in the training dtype (``tree_nodes``, ``tree_sum``). Each rank
+     adds the tree nodes its run covers as its partials come (``RunSum``), the ranks exchange
+     those nodes so that each holds all of them for a slice of the columns (memory shared by
+     the ranks of a machine, or MPI_Alltoallv), add their slice along the rest of the tree,
+     and the slices are gathered: every element is the same additions of the same numbers at
+     any P. It costs about what the plain float sum does, and its rounding is a float sum's
+     (at most ceil(log2 k) roundings an element for k micro-shards).
    - ``"exact"``: ``FixedPoint`` turns each partial, weighted by its row count, into int64
      multiples of 2**-bits at a scale every rank agrees on (one small MAX allreduce of the
      partials' largest exponent), sums them in int64, which is associative, and the ranks add
      their int64 sums (MPI_Allreduce or the shared-memory sum, both exact on integers). Each
      partial is rounded once onto the grid, a rounding that does not depend on P; the sums
      are exact; the result is rounded once back to floats: the correctly rounded sum, at
-     about 0.4 ns an element and partial more than the ordered one.
+     about 0.6 ns an element and partial more than the ordered one.
 
 A value the representation cannot hold (NaN, infinity, a sum beyond the dtype's range)
 raises ``ExactSumError`` naming the step and the micro-shard.
@@ -39,7 +43,7 @@ MICRO_MIN, MICRO_MAX = 32, 128  # micro-shard rows: see micro_size
 SUMS = ("ordered", "exact")  # how the partials are combined (see the module's docstring)
 # A grouped backward writes one gradient a micro-shard; a rank's full micro-shards run in groups
 # whose gradients take about this many bytes (about a core's L2: they are added while still there)
-GROUP_BYTES = float(__import__("os").environ.get("PARANET_GROUP_BYTES", 1 << 20))
+GROUP_BYTES = 1 << 20
 # Codes of exponent_of besides a real exponent: every partial is zero, or some is not finite.
 ZERO = -(1 << 40)
 NONFINITE = 1 << 50
@@ -498,9 +502,10 @@ class MicroShardSteps:
     partial gradient; then the partials of all ranks are combined by one of the two sums (see
     the module's docstring):
 
-    - ordered (``partials`` given): each partial, weighted by its rows / m, goes into a row of
-      ``partials`` (the exchange), which hands this rank every micro-shard's partial for its
-      slice of the columns; ``ordered_sum`` adds them; the exchange gathers the slices.
+    - ordered (``partials`` given): each partial, weighted by its rows / m, is added along the
+      sum tree (``RunSum``) into the rows of ``partials`` (the exchange), which hands this
+      rank every rank's tree nodes for its slice of the columns; ``tree_sum`` adds them; the
+      exchange gathers the slices.
     - exact: a fixed-point scale is agreed with the other ranks (``max_over_ranks`` of one
       int64: the largest exponent), the partials are converted and added in int64
       (``FixedPoint``) and summed over the ranks in int64 (``sum_over_ranks``).
