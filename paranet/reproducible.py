@@ -361,7 +361,8 @@ def tree_sum(nodes, rows, k, out, scratch=None):
     if k == 0:
         out[...] = 0
         return out
-    root = value(top, 0, out)
+    with np.errstate(over="ignore", invalid="ignore"):  # the caller looks for non-finite sums
+        root = value(top, 0, out)
     if root is not out:
         np.copyto(out, root)
     return out
@@ -399,7 +400,8 @@ class RunSum:
             _, _, left, left_kept = self.stack.pop()
             level, j = level + 1, j // 2
             dest = left if left_kept else self._place(level, j)
-            np.add(left, value, out=dest)  # left + right: the tree's addition (IEEE + commutes)
+            with np.errstate(over="ignore", invalid="ignore"):  # a sum that overflows is named after the step
+                np.add(left, value, out=dest)  # left + right: the tree's addition (IEEE + commutes)
             if kept and value is not dest and not any(value is r for r in self.home.values()):
                 self.free.append(value)  # a spare that held the right half
             value, kept = dest, True
@@ -720,30 +722,45 @@ class MicroShardSteps:
             raise RuntimeError(f"ranks disagree on the global batch: {count} rows summed, {n_global} expected")
         losses = _floats(tails[self.TAIL:self.TAIL + total_k])
         if bad or (bad is None and not _all_finite(summed)):  # every rank holds the same verdict: all come here
-            self._name_non_finite(losses, nodes, columns, n_global, micro, step, summed.dtype)
+            self._name_non_finite(losses, n_global, micro, step, summed.dtype, lambda: self._first_bad_partial(
+                session, plan, feed, n_global, micro, begin, ks))
         return summed, micro / n_global, count, fsum_or_nan(losses), correct_total, stop_total / STOP_UNIT
 
-    def _name_non_finite(self, losses, nodes, columns, n_global, micro, step, dtype):
+    def _name_non_finite(self, losses, n_global, micro, step, dtype, recheck):
         """Raise ExactSumError naming the first micro-shard whose loss is not finite (the same
-        on every rank: all hold every loss), else the first tree node whose partial sum holds
-        a NaN or infinity (a MAX over the ranks of each one's first), else the overflow."""
+        on every rank: all hold every loss), else the first whose partial gradient is not,
+        found by ``recheck()`` (this rank's first such micro-shard, recomputed alone; the
+        smallest over the ranks by one MAX), else the overflow of the sum itself. The same
+        verdict at any P: the partials are what they are whichever rank recomputes them."""
         at = f" at step {step}" if step is not None else ""
+        total_k = len(losses)
         bad = [k for k, v in enumerate(losses) if not math.isfinite(v)]
-        if bad:
-            lo, count = micro_shard(n_global, micro, bad[0])
-            raise ExactSumError(f"non-finite gradient{at}: micro-shard {bad[0]} (rows {lo}..{lo + count - 1} of the "
-                                f"global batch of {n_global}) has a NaN or infinite loss; lower the learning rate or "
-                                f"check the data")
-        first = next((q for q in range(len(nodes)) if not _all_finite(columns[q])), len(nodes))
-        first = len(nodes) - int(self.max_over_ranks(len(nodes) - first))  # the smallest over the ranks
-        if first < len(nodes):
-            level, j = nodes[first]
-            lo = (j << level) * micro
-            hi = min(((j + 1) << level) * micro, n_global)
-            raise ExactSumError(f"non-finite gradient{at}: the partial gradients of rows {lo}..{hi - 1} of the global "
-                                f"batch of {n_global} hold a NaN or infinity; lower the learning rate or check the data")
+        first = bad[0] if bad else total_k - int(self.max_over_ranks(total_k - recheck()))
+        if first < total_k:
+            lo, count = micro_shard(n_global, micro, first)
+            what = "has a NaN or infinite loss" if bad else "has a partial gradient with a NaN or infinity"
+            raise ExactSumError(f"non-finite gradient{at}: micro-shard {first} (rows {lo}..{lo + count - 1} of the "
+                                f"global batch of {n_global}) {what}; lower the learning rate or check the data")
         raise ExactSumError(f"gradient sum{at}: a sum exceeds the largest {dtype} ({np.finfo(dtype).max:.3g}) "
                             f"and cannot be held; lower the learning rate or check the data")
+
+    @staticmethod
+    def _first_bad_partial(session, plan, feed, n_global, micro, begin, ks):
+        """The first of micro-shards ``ks`` whose partial gradient, computed alone, is not
+        finite, or the micro-shard count when none (the error path only: it recomputes)."""
+        n_local = len(feed[plan.order[-1].root])
+        cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
+        for k in ks:
+            lo, count = micro_shard(n_global, micro, k)
+            sub = dict(feed)
+            for ph in cut:
+                sub[ph] = feed[ph][lo - begin:lo - begin + count]
+            with np.errstate(all="ignore"):
+                session.forward(plan, sub)
+                session.backward(plan)
+            if not _all_finite(plan.params.grads):
+                return k
+        return num_micro_shards(n_global, micro)
 
     def _step_exact(self, session, plan, feed, n_global, micro, begin, ks, step, metric, stop):
         params = plan.params

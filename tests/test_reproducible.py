@@ -333,6 +333,54 @@ def test_the_loss_sum_adds_the_micro_shards_with_fsum():
     assert sum(parts) != math.fsum(parts)  # the float sum in this order would differ
 
 
+def test_an_ordered_sum_beyond_float32_is_refused_naming_the_step():
+    """Finite partials whose sum overflows float32 and finite losses (micro-shards of one row,
+    x = 1.35e19, y = 0, W = 1: each loss 0.5 x**2 = 9.1e37, each dW = x**2 = 1.8e38, their sum
+    3.6e38 > 3.4e38): the step is refused with one line naming it, not handed on as infinity;
+    a NaN in one row names its micro-shard."""
+    import paranet as pn
+    from paranet.graph import Session
+
+    x, y = pn.placeholder((None, 1), name="x"), pn.placeholder((None, 1), name="y")
+    W = pn.Variable(np.ones((1, 1)), name="W")
+    loss = pn.MeanSquareLoss(pn.matmul(x, W), y)
+    sess = Session(np.float32, check_finite=False)  # the NaN below is this test's, not the feed check's
+    plan = sess.plan(loss)
+    steps = rp.MicroShardSteps(0, 1, lambda b: b, lambda v: v, micro=1, partials=rp.LocalPartials())
+    X, Y = np.full((2, 1), 1.35e19, np.float32), np.zeros((2, 1), np.float32)
+    for row in range(2):  # each micro-shard alone: finite loss and gradient
+        assert np.isfinite(sess.run(loss, {x: X[row:row + 1], y: Y[:1]}, need_grad=True))
+        assert np.isfinite(W.grad).all() and W.grad.item() > np.finfo(np.float32).max / 2
+    with pytest.raises(rp.ExactSumError, match=r"gradient sum at step 7: a sum exceeds the largest float32"):
+        steps.step(sess, plan, {x: X, y: Y}, 2, step=7)
+    X[1] = np.nan
+    with pytest.raises(rp.ExactSumError, match=r"non-finite gradient at step 8: micro-shard 1 \(rows 1..1 of the "
+                                               r"global batch of 2\)"):
+        steps.step(sess, plan, {x: X, y: Y}, 2, step=8)
+
+
+def test_a_non_finite_partial_with_a_finite_loss_is_named():
+    """Micro-shard 1's prediction is exactly 0 (1e30 * 1 + 1e30 * -1) so its loss, 0.5 * 1e20,
+    is finite, but its dW = x * (pred - y) = 1e30 * -1e10 overflows float32: the step names
+    micro-shard 1 (found by recomputing each micro-shard alone), not the sum."""
+    import paranet as pn
+    from paranet.graph import Session
+
+    x, y = pn.placeholder((None, 2), name="x"), pn.placeholder((None, 1), name="y")
+    W = pn.Variable(np.array([[1.0], [-1.0]]), name="W")
+    loss = pn.MeanSquareLoss(pn.matmul(x, W), y)
+    sess = Session(np.float32)
+    plan = sess.plan(loss)
+    X = np.array([[1.0, 2.0], [1e30, 1e30]], np.float32)
+    Y = np.array([[0.0], [1e10]], np.float32)
+    assert np.isfinite(sess.run(loss, {x: X[1:], y: Y[1:]}, need_grad=True)) and not np.isfinite(W.grad).all()
+    for partials in (rp.LocalPartials(), None):  # the ordered sum, and the exact one
+        steps = rp.MicroShardSteps(0, 1, lambda b: b, lambda v: v, micro=1, partials=partials)
+        with pytest.raises(rp.ExactSumError, match=r"non-finite gradient at step 5: micro-shard 1 \(rows 1..1 of the "
+                                                   r"global batch of 2\)"):
+            steps.step(sess, plan, {x: X, y: Y}, 2, step=5)
+
+
 def _train(tmp_path, tag, nprocs, *args, extra_env=None):
     out = tmp_path / tag
     run_train(nprocs, "--reproducible", *args, "--checkpoint", f"{out}.ckpt.h5", "--metrics", f"{out}.json",
@@ -509,8 +557,9 @@ def test_user_graph_through_the_library(tmp_path, dtype, how, opt, runs):
         assert results[run] == results[first], f"P={run[0]} --allreduce {run[1]} differs from P={first[0]}"
 
 
-def test_non_finite_gradient_names_the_step(tmp_path):
-    proc = _user_run(tmp_path, 2, nan_at=670, check=False)  # row 70 of step 3's batch (rows 600..736)
+@pytest.mark.parametrize("how", ["ordered", "exact"])
+def test_non_finite_gradient_names_the_step(tmp_path, how):
+    proc = _user_run(tmp_path, 2, nan_at=670, check=False, how=how)  # row 70 of step 3's batch (rows 600..736)
     assert proc.returncode != 0
     assert "non-finite gradient at step 3: micro-shard 2 (rows 64..95 of the global batch of 137)" in proc.stderr, proc.stderr
 
