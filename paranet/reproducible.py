@@ -178,7 +178,7 @@ class FixedPoint:
                              f"got {self.acc.dtype} {self.acc.shape}")
         self._f64 = np.empty(self.n, np.float64)
         self._f64b = np.empty(self.n, np.float64) if words == 2 else None
-        self._bias = 0  # adds whose MAGIC bias is still in acc (see settle)
+        self._bias = 0  # the sum of the magic numbers' bits the adds left in acc (see settle)
         self.bits = 0
         self.lo_bits = LO_BITS
         self.fresh = True  # the next add overwrites acc instead of adding to it
@@ -193,8 +193,21 @@ class FixedPoint:
     def add(self, x, weight=1):
         """acc += rint(weight * x * 2**bits), element-wise; x is float32 or float64."""
         x = np.asarray(x).reshape(-1)
-        scale = float(weight) * 2.0 ** self.bits  # exact: weight < 2**53, power-of-two factor
         n, y = self.n, self._f64
+        w = int(weight)
+        shift = self.bits + w.bit_length() - 1
+        if self.words == 1 and w == weight and w > 0 and w & (w - 1) == 0 and shift <= 1020:
+            # a power-of-two weight folds into the grid: x + MAGIC * 2**-shift rounds x to
+            # multiples of 2**-shift, and its bits are MAGIC's plus rint(weight * x * 2**bits):
+            # the same integer as the multiply below, one pass fewer
+            magic = MAGIC * 2.0 ** -shift
+            np.copyto(y, x)  # float32 -> float64: exact
+            y += magic
+            self._deposit(y, self.acc, _float_bits(magic))
+            self._bias += 0 if self.fresh else _float_bits(magic)
+            self.fresh = False
+            return
+        scale = float(weight) * 2.0 ** self.bits  # exact: weight < 2**53, power-of-two factor
         np.copyto(y, x)  # float32 -> float64: exact (and fast)
         y *= scale  # exact for float32 x: 24 + 8 significant bits at most
         if self.words == 1:
@@ -209,22 +222,22 @@ class FixedPoint:
             y *= 2.0 ** LO_BITS
             y += MAGIC
             self._deposit(y, self.acc[n:])
-        self._bias += not self.fresh
+        self._bias += 0 if self.fresh else MAGIC_BITS  # once an add: every word got it
         self.fresh = False
 
-    def _deposit(self, magic_plus_q, acc):
-        """acc = q (first add) or acc += MAGIC_BITS + q (later adds: settle() removes the bias)."""
-        q = magic_plus_q.view(np.int64)  # MAGIC_BITS + rint(y)
+    def _deposit(self, magic_plus_q, acc, magic_bits=MAGIC_BITS):
+        """acc = q (first add) or acc += magic_bits + q (later adds: settle() removes the bias)."""
+        q = magic_plus_q.view(np.int64)  # magic_bits + rint(y)
         if self.fresh:
-            np.subtract(q, MAGIC_BITS, out=acc)
+            np.subtract(q, magic_bits, out=acc)
         else:
             np.add(acc, q, out=acc)  # may wrap past 2**63: settle() brings it back, mod 2**64
 
     def settle(self):
-        """Remove the MAGIC bias the adds left in ``acc`` (one pass; integer arithmetic modulo
-        2**64, so acc is exactly the sum of the rounded values again). Call before reading acc."""
+        """Remove the bias the adds left in ``acc`` (one pass; integer arithmetic modulo 2**64,
+        so acc is exactly the sum of the rounded values again). Call before reading acc."""
         if self._bias:
-            bias = (self._bias * MAGIC_BITS) % (1 << 64)
+            bias = self._bias % (1 << 64)
             np.subtract(self.acc, np.int64(bias - (1 << 64) if bias >= 1 << 63 else bias), out=self.acc)
             self._bias = 0
 

@@ -84,6 +84,28 @@ def test_float_sum_would_change_with_the_order():
     assert len(sums) > 1
 
 
+@pytest.mark.parametrize("weight", [1, 2, 32, 128, 3, 100])
+def test_fixed_point_add_is_rint_of_weight_times_x_on_the_grid(weight):
+    """FixedPoint.add(x, w) puts rint(w * x * 2**bits) (ties to even) into the int64 sum, whether
+    the weight is a power of two (folded into the magic number) or not (multiplied first):
+    against numpy's rint of the exactly scaled float64 values, for values over 40 orders of
+    magnitude (most far below the grid's step: rounded), as the first add and as a later one."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(4000) * 10.0 ** rng.integers(-20, 20, 4000)).astype(np.float32)
+    e = rp.exponent_of([x])
+    bits = rp.fraction_bits(e, 2 * weight)
+    x[:4] = [0.0, -0.0, 2.0 ** -bits / weight * 2.5, -(2.0 ** -bits) / weight * 3.5]  # ties (power-of-two weights): to 2, -4
+    want = np.rint(x.astype(np.float64) * weight * 2.0 ** bits).astype(np.int64)
+    fp = rp.FixedPoint(x.size)
+    fp.start(bits)
+    fp.add(x, weight)
+    fp.settle()
+    assert np.array_equal(fp.acc, want)
+    fp.add(x, weight)  # a second add: acc += the same integers
+    fp.settle()
+    assert np.array_equal(fp.acc, 2 * want)
+
+
 def test_limits_of_the_representation():
     # NaN and infinity are refused with a clear error, never summed into something silently wrong
     for bad in (np.nan, np.inf, -np.inf):
