@@ -457,7 +457,7 @@ class SharedPartials:
         self.close()
         item = dtype.itemsize
         pitch = -(-n * item // 64) * 64 // item  # rows start on their own cache line
-        rows, slots = max(k, rows if n == cols else 0), max(slots, 64)
+        rows, slots = max(k, rows if n == cols else 0), max(slots, have_slots, 64)
         self._wins = [MPI.Win.Allocate_shared((rows + 1) * pitch * item if self.rank == 0 else 0, item, comm=self.node),
                       MPI.Win.Allocate_shared(self.local * slots * 8 if self.rank == 0 else 0, 8, comm=self.node)]
         for w in self._wins:
@@ -470,11 +470,11 @@ class SharedPartials:
         self._mine = slice(lo, hi)
         self.node.Barrier()
 
-    def rows(self, counts, n, dtype, slots=None):
+    def rows(self, counts, n, dtype, slots):
         """This rank's rows (``counts[rank]`` of them, after the lower ranks'), to write the values
-        of its tree nodes into; ``slots``: the integer slots a rank sends (default 4 + rows)."""
+        of its tree nodes into; ``slots``: the length of the integer tail ``gather`` will send."""
         self._k = sum(counts)
-        self._allocate(self._k, n, np.dtype(dtype), slots or 4 + 2 * self._k)  # the last slot: finish()'s flag
+        self._allocate(self._k, n, np.dtype(dtype), slots + 1)  # the last slot: finish()'s flag
         first = sum(counts[:self.rank])
         return self.parts[first:first + counts[self.rank]]
 
@@ -519,7 +519,7 @@ class MpiPartials:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._key = None
 
-    def rows(self, counts, n, dtype):
+    def rows(self, counts, n, dtype, slots):
         dtype = np.dtype(dtype)
         key = (tuple(counts), n, dtype)
         if key != self._key:

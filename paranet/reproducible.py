@@ -445,9 +445,10 @@ class LocalPartials:
         self._sum = None
         self._k = 0
 
-    def rows(self, counts, n, dtype):
+    def rows(self, counts, n, dtype, slots):
         """A (counts[rank], n) array for the values of this rank's tree nodes (``tree_nodes``);
-        ``counts``: how many each rank ships."""
+        ``counts``: how many each rank ships; ``slots``: the length of the integer tail
+        ``gather`` will send (the exchanges between processes size their buffers by it)."""
         k = sum(counts)
         dtype = np.dtype(dtype)
         if self._rows.shape[0] < k or self._rows.shape[1] != n or self._rows.dtype != dtype:
@@ -690,9 +691,9 @@ class MicroShardSteps:
         params = plan.params
         total_k = num_micro_shards(n_global, micro)
         nodes, counts, mine, first = self._plan_tree(n_global, micro)
-        ship = self.partials.rows(counts, params.size, params.dtype)  # this rank's nodes' values go here
         if self._tail.size != self.TAIL + total_k:
             self._tail = np.zeros(self.TAIL + total_k, np.int64)
+        ship = self.partials.rows(counts, params.size, params.dtype, self._tail.size)  # this rank's nodes go here
         tail = self._tail
         tail[...] = 0
         spares = sum_tree_root(total_k) + 2  # a node waits for its right sibling at each level, plus a weighted one

@@ -554,6 +554,42 @@ def _user_run(tmp_path, nprocs, dtype="float32", allreduce="auto", nan_at=-1, ch
     return proc
 
 
+MANY_MICRO_SHARDS = textwrap.dedent('''
+    import hashlib, sys
+    import numpy as np
+    import paranet as pn
+    from paranet.train import GradientDescentOptimizer
+    world = pn.distributed.init(allreduce=sys.argv[1], threads=1)
+    rng = np.random.default_rng(0)
+    N = 9000  # 71 micro-shards of 128 rows: a tail of integer slots longer than 64
+    x, y = pn.placeholder((None, 3)), pn.placeholder((None, 2))
+    W, b = pn.Variable(rng.standard_normal((3, 2))), pn.Variable(np.zeros(2))
+    loss = pn.SoftmaxCrossEntropy(pn.nn.FullConnection(x, W, b, pn.softmax), y)
+    dopt = pn.DistributedOptimizer(GradientDescentOptimizer(0.1, loss), world=world, reproducible=True)
+    sess = pn.Session()
+    X, Y = rng.standard_normal((N, 3)), np.eye(2)[rng.integers(0, 2, N)]
+    for _ in range(2):
+        sess.run(dopt, {x: world.shard(X), y: world.shard(Y)})
+    if world.rank == 0:
+        print("RESULT", hashlib.sha256(sess.parameters(loss).values.tobytes()).hexdigest())
+''')
+
+
+def test_a_batch_of_many_micro_shards(tmp_path):
+    """A global batch of 9,000 rows has 71 micro-shards, more integer slots (one loss slot
+    each) than the shared exchange first allocates: P = 1, 2 and 3 by shared memory, 2 by MPI
+    give the same bits."""
+    script = tmp_path / "many.py"
+    script.write_text(MANY_MICRO_SHARDS)
+    out = set()
+    for nprocs, allreduce in ((1, "auto"), (2, "shm"), (3, "shm"), (2, "mpi")):
+        proc = subprocess.run([str(MPIEXEC), "-n", str(nprocs), sys.executable, str(script), allreduce], cwd=REPO,
+                              env=env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out.add(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT")))
+    assert len(out) == 1, out
+
+
 EXCHANGES = {"shm": "SharedPartials", "mpi": "MpiPartials"}
 USER_CASES = [  # (dtype, sum, optimizer, (ranks, allreduce) runs): of the script's batches, 137 rows are
     # 5 micro-shards (3 ranks: 2 + 2 + 1), 5 rows are one (ranks 1.. hold no rows)
