@@ -448,7 +448,7 @@ class SharedPartials:
         self.rank, self.local = node_comm.Get_rank(), node_comm.Get_size()
         self._wins = []
         self._shape = None  # (rows, columns, dtype, slots) the windows hold
-        self._k = self._n = 0
+        self._k = 0
 
     def _allocate(self, k, n, dtype, slots):
         rows, cols, have_dtype, have_slots = self._shape or (0, 0, None, 0)

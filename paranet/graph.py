@@ -120,17 +120,25 @@ class Placeholder(Node):
         # A sum of squares (one BLAS dot) is finite only when every element is, and costs less
         # than isfinite().all(); it can overflow on huge finite values, so a non-finite result is
         # checked element-wise.
-        if not check_finite:
+        if not check_finite or all_finite(arr):
             return arr
-        with np.errstate(over="ignore", invalid="ignore"):
-            flat = arr.reshape(-1)
-            suspect = arr.size and not np.isfinite(np.vdot(flat, flat))
-        bad = np.argwhere(~np.isfinite(arr)) if suspect else ()
+        bad = np.argwhere(~np.isfinite(arr))
         if len(bad):
             raise GraphError(
                 f"placeholder '{self.name}': expected finite values, got {arr[tuple(bad[0])]} at index {tuple(int(i) for i in bad[0])}"
             )
         return arr
+
+
+def all_finite(a):
+    """True when every element of ``a`` is finite: one BLAS dot (a sum of squares is finite only
+    when every element is, and it costs less than isfinite().all()); the element-wise test only
+    when the dot overflowed, as it may on huge finite values."""
+    if a.size == 0:
+        return True
+    flat = np.ascontiguousarray(a).reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.vdot(flat, flat)) or np.isfinite(flat).all())
 
 
 def placeholder(shape, name=None):

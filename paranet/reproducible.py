@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+from .graph import all_finite
+
 MICRO_MIN, MICRO_MAX = 32, 128  # micro-shard rows: see micro_size
 SUMS = ("ordered", "exact")  # how the partials are combined (see the module's docstring)
 # A grouped backward writes one gradient a micro-shard; a rank's full micro-shards run in groups
@@ -72,11 +74,16 @@ def micro_size(n_global):
     return min(MICRO_MAX, max(MICRO_MIN, 1 << (want.bit_length() - 1)))
 
 
+def micro_shard_run(n_global, rank, size, micro):
+    """(first micro-shard, count) of rank ``rank``'s run: the micro-shard count split as
+    ``np.array_split`` splits it (the first ranks get one more)."""
+    base, extra = divmod(num_micro_shards(n_global, micro), size)
+    return rank * base + min(rank, extra), base + (rank < extra)
+
+
 def micro_shard_ranges(n_global, size, micro):
     """(first micro-shard, count) of every rank 0..size-1: the ranks' runs, in order."""
-    k = num_micro_shards(n_global, micro)
-    base, extra = divmod(k, size)
-    return [(r * base + min(r, extra), base + (r < extra)) for r in range(size)]
+    return [micro_shard_run(n_global, r, size, micro) for r in range(size)]
 
 
 def num_micro_shards(n_global, micro):
@@ -99,20 +106,15 @@ def shard_range(n_global, rank, size, micro=1):
     np.array_split's rule over rows. Ranks past the last micro-shard get (n_global, 0)
     clipped to the batch.
     """
-    k = num_micro_shards(n_global, micro)
-    base, extra = divmod(k, size)
-    first = rank * base + min(rank, extra)
-    last = first + base + (rank < extra)  # micro-shards first..last-1
-    begin, end = min(first * micro, n_global), min(last * micro, n_global)
+    first, count = micro_shard_run(n_global, rank, size, micro)
+    begin, end = min(first * micro, n_global), min((first + count) * micro, n_global)
     return begin, end - begin
 
 
 def local_micro_shards(n_global, rank, size, micro):
     """The indices of the micro-shards rank ``rank`` holds: a range."""
-    k = num_micro_shards(n_global, micro)
-    base, extra = divmod(k, size)
-    first = rank * base + min(rank, extra)
-    return range(first, first + base + (rank < extra))
+    first, count = micro_shard_run(n_global, rank, size, micro)
+    return range(first, first + count)
 
 
 # -- the exact sum -------------------------------------------------------------------------
@@ -490,16 +492,18 @@ def _floats(bits):
     return np.ascontiguousarray(bits, np.int64).view(np.float64)
 
 
-def _all_finite(a):
-    """True when every element of ``a`` is finite: one BLAS dot (a sum of squares is finite only
-    when every element is), and the element-wise test only when the dot overflowed."""
-    if a.size == 0:
-        return True
-    flat = a.reshape(-1) if a.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.vdot(flat, flat)):
-            return True
-        return bool(np.isfinite(flat).all())
+def _rows_of(feed, n_local):
+    """f(a, count) -> ``feed`` with rows a..a+count-1 of every array whose first axis is this
+    rank's row count (the inputs and labels); other arrays fed whole."""
+    cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
+
+    def rows(a, count):
+        sub = dict(feed)
+        for ph in cut:
+            sub[ph] = feed[ph][a:a + count]
+        return sub
+
+    return rows
 
 
 def fsum_or_nan(values):
@@ -549,7 +553,6 @@ class MicroShardSteps:
         self.new_buffer = buffer or np.zeros_like
         self.micro = micro
         self.partials = partials
-        self.sum_name = "exact" if partials is None else "ordered"
         self.fixed = None  # exact: FixedPoint over this rank's part of the int64 buffer
         self._buf = None
         self._stash = None  # exact: (micro-shards, parameters): this rank's partial gradients of a step
@@ -598,15 +601,7 @@ class MicroShardSteps:
         if not the usual buffer (then ``keep`` is told they are in place); ``settle()``: called
         before a pass overwrites the previous one's buffers."""
         loss = plan.order[-1]
-        n_local = len(feed[loss.root])
-        cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
-
-        def rows(a, count):
-            sub = dict(feed)
-            for ph in cut:
-                sub[ph] = feed[ph][a:a + count]
-            return sub
-
+        rows = _rows_of(feed, len(feed[loss.root]))
         correct, done = 0, 0
         full = [k for k in ks if micro_shard(n_global, micro, k)[1] == micro] if plan.groupable else []
         chunk = max(1, int(GROUP_BYTES // max(plan.params.size * plan.params.dtype.itemsize, 1)))
@@ -681,9 +676,10 @@ class MicroShardSteps:
         key = (n_global, micro)
         if self._tree_key != key:
             k = num_micro_shards(n_global, micro)
-            per_rank = [tree_nodes(first, count, k) for first, count in micro_shard_ranges(n_global, self.size, micro)]
-            first = micro_shard_ranges(n_global, self.size, micro)[self.rank][0]
-            self._tree = ([n for nodes in per_rank for n in nodes], [len(n) for n in per_rank], per_rank[self.rank], first)
+            ranges = micro_shard_ranges(n_global, self.size, micro)
+            per_rank = [tree_nodes(first, count, k) for first, count in ranges]
+            self._tree = ([n for nodes in per_rank for n in nodes], [len(n) for n in per_rank], per_rank[self.rank],
+                          ranges[self.rank][0])
             self._tree_key = key
         return self._tree
 
@@ -729,13 +725,13 @@ class MicroShardSteps:
                 or self._scratch.dtype != out.dtype:
             self._scratch = np.empty((2 * top, out.size), out.dtype)
         tree_sum(nodes, columns, total_k, out, self._scratch[:, :out.size])
-        summed, bad = self.partials.finish(not _all_finite(out))
+        summed, bad = self.partials.finish(not all_finite(out))
         self.comm_seconds += time.perf_counter() - t0
         count, stop_total, correct_total = (int(v) for v in tails[:self.TAIL])
         if count != n_global:
             raise RuntimeError(f"ranks disagree on the global batch: {count} rows summed, {n_global} expected")
         losses = _floats(tails[self.TAIL:self.TAIL + total_k])
-        if bad or (bad is None and not _all_finite(summed)):  # every rank holds the same verdict: all come here
+        if bad or (bad is None and not all_finite(summed)):  # every rank holds the same verdict: all come here
             self._name_non_finite(losses, n_global, micro, step, summed.dtype, lambda: self._first_bad_partial(
                 session, plan, feed, n_global, micro, begin, ks))
         return summed, micro / n_global, count, fsum_or_nan(losses), correct_total, stop_total / STOP_UNIT
@@ -762,17 +758,13 @@ class MicroShardSteps:
     def _first_bad_partial(session, plan, feed, n_global, micro, begin, ks):
         """The first of micro-shards ``ks`` whose partial gradient, computed alone, is not
         finite, or the micro-shard count when none (the error path only: it recomputes)."""
-        n_local = len(feed[plan.order[-1].root])
-        cut = [ph for ph, v in feed.items() if np.ndim(v) >= 1 and len(v) == n_local]
+        rows = _rows_of(feed, len(feed[plan.order[-1].root]))
         for k in ks:
             lo, count = micro_shard(n_global, micro, k)
-            sub = dict(feed)
-            for ph in cut:
-                sub[ph] = feed[ph][lo - begin:lo - begin + count]
             with np.errstate(all="ignore"):
-                session.forward(plan, sub)
+                session.forward(plan, rows(lo - begin, count))
                 session.backward(plan)
-            if not _all_finite(plan.params.grads):
+            if not all_finite(plan.params.grads):
                 return k
         return num_micro_shards(n_global, micro)
 
