@@ -39,7 +39,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .files import atomic_path, cleanup_stale, temp_name  # noqa: F401  (cleanup_stale re-exported)
+from .files import atomic_path, cleanup_stale, new_h5, temp_name  # noqa: F401  (cleanup_stale re-exported)
 
 FORMAT = "paranet-checkpoint/1"
 # The state arrays each optimizer has after its first step (the trainer's optimizers).
@@ -60,7 +60,7 @@ class RunLockError(RuntimeError):
 def atomic_h5(path, write, before_replace=None):
     """Call ``write(h5file)`` on a temporary file beside ``path``, then put it in place atomically."""
     with atomic_path(path, before_replace=before_replace) as tmp:
-        with h5py.File(tmp, "w") as f:
+        with new_h5(tmp) as f:
             write(f)
 
 

@@ -54,6 +54,21 @@ def atomic_path(path, suffix=".tmp", before_replace=None):
             pass  # e.g. EROFS: the write already failed with the error that matters
 
 
+@contextmanager
+def new_h5(tmp):
+    """An h5py.File writing a new file at ``tmp`` (atomic_path's temporary), which Python creates.
+
+    Python's ``open(tmp, "x+b")`` makes the file and h5py writes through that file object, not
+    through HDF5's own open: a failure then is an OSError with the system's reason ("Not a
+    directory") rather than HDF5's wording ("can't retrieve stat info for file"), which is what a
+    folder moved away between HDF5's open and its stat gave; same speed (120 MB: 0.026 s both).
+    """
+    import h5py
+
+    with open(tmp, "x+b") as fh, h5py.File(fh, "w") as f:
+        yield f
+
+
 def temp_name(path, suffix=".tmp"):
     """The temporary name atomic_path writes ``path`` through: ``.<name>.<pid>.<8 hex><suffix>``."""
     path = Path(path)

@@ -109,6 +109,28 @@ def test_a_write_that_fails_late_is_one_line_and_leaves_the_old_file(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["ck.h5"]
 
 
+def test_an_hdf5_temporary_is_created_by_python_so_its_error_is_the_systems(tmp_path):
+    """new_h5 opens the temporary file itself: a folder that went away gives the system's reason,
+    which atomic_path reports in its one line; h5py.File(path, "w") would report HDF5's long text."""
+    import h5py
+
+    target = tmp_path / "gone" / "ck.h5"
+    with pytest.raises(FileNotFoundError) as e:
+        with files.new_h5(target) as f:
+            f["x"] = 1
+    assert e.value.strerror == "No such file or directory"
+    with pytest.raises(files.OutputError) as e:
+        with atomic_path(target) as tmp:
+            target.parent.rmdir()
+            with files.new_h5(tmp):
+                pass
+    assert str(e.value) == f"{target}: cannot write (No such file or directory); the previous file, if any, is unchanged"
+    with files.new_h5(tmp_path / "ok.h5") as f:  # and what it writes is an ordinary HDF5 file
+        f["x"] = [1.5, 2.5]
+    with h5py.File(tmp_path / "ok.h5", "r") as f:
+        assert f["x"][:].tolist() == [1.5, 2.5]
+
+
 # -- outputs checked before training ---------------------------------------------------------
 
 

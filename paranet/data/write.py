@@ -3,10 +3,9 @@ import datetime
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from ..files import atomic_path
+from ..files import atomic_path, new_h5
 from .errors import DataError
 from .format import (FEATURE_DTYPES, FORMAT_VERSION, SPLITS, Stats, check_stats, hash_rows, piece_rows)
 
@@ -139,7 +138,7 @@ def write_dataset(path, train=None, val=None, test=None, num_classes=None, *, at
             content[key] = hash_rows(lambda a, b, arr=arr: arr[a:b], len(arr), arr[0].nbytes or 1)
     try:
         with atomic_path(out) as tmp:
-            with h5py.File(tmp, "w") as f:
+            with new_h5(tmp) as f:
                 for name, (X, y) in splits.items():
                     g = f.create_group(name)
                     g.create_dataset("images", data=X, dtype=X.dtype.newbyteorder("<"))  # contiguous
