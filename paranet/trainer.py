@@ -30,7 +30,7 @@ from . import _early_sigterm, _record_sigterm  # a SIGTERM seen before a Trainer
 # Flags a resumed run must share with the checkpoint's run (when both record them): they fix what
 # the recorded step means, the data order, the learning-rate curve, the model and its update.
 RESUME_FIXED = ("model", "hidden", "channels", "batch_size", "seed", "dtype", "optimizer", "lr", "momentum",
-                "schedule", "epochs")
+                "schedule", "epochs", "reproducible")  # the sum too: ordered and exact give other bits
 # The step's stop slot, summed over the ranks in the gradient buffer (float32 is exact below
 # 2**24): each rank adds 1 for SIGTERM, CALLBACK_STOP when its callbacks asked to stop, and rank 0
 # CHECKPOINT_NOW when a timed checkpoint is due. With P < 2048 ranks the three never mix:
@@ -392,9 +392,10 @@ class Trainer:
         saved = attrs["flags"]
         for flag in RESUME_FIXED:
             if flag in self.flags and flag in saved and saved[flag] != self.flags[flag]:
+                shown = lambda v: "off" if v is None else v  # noqa: E731  (--reproducible not given)
                 raise checkpoint.CheckpointError(
-                    f"{path}: written with --{flag.replace('_', '-')} {saved[flag]}, this run has {self.flags[flag]} "
-                    "(it may not change on --resume)")
+                    f"{path}: written with --{flag.replace('_', '-')} {shown(saved[flag])}, this run has "
+                    f"{shown(self.flags[flag])} (it may not change on --resume)")
         recorded, identity = attrs.get("data"), getattr(self.train_reader, "identity", None)
         if recorded and identity is not None:
             from .data.reader import identity_mismatch

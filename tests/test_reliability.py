@@ -311,7 +311,20 @@ def test_resume_onto_other_data_or_changed_flags_is_refused_naming_both(mnist_h5
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
         f"paranet: error: {ck}: written with --lr {MODEL_DEFAULTS['mlp']['lr']:g}, this run has 0.01 "
         f"(it may not change on --resume)"]
+    # the sum of a bit-for-bit run: ordered and exact give other bits, so neither may be switched on,
+    # off or swapped on --resume (the flags of a checkpoint written without it read "off")
+    proc = run_train(None, "--data", mnist_h5, "--max-steps", 6, "--checkpoint", ck, "--resume", "--reproducible",
+                     check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"paranet: error: {ck}: written with --reproducible off, this run has ordered (it may not change on --resume)"]
     assert digest(ck) == before
+    exact = tmp_path / "exact.h5"
+    run_train(None, "--data", mnist_h5, "--max-steps", 3, "--checkpoint", exact, "--reproducible", "exact")
+    proc = run_train(None, "--data", mnist_h5, "--max-steps", 6, "--checkpoint", exact, "--resume", "--reproducible",
+                     "ordered", check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"paranet: error: {exact}: written with --reproducible exact, this run has ordered "
+        f"(it may not change on --resume)"]
     # the same bytes under another name are the same data: accepted
     copy = shutil.copy(mnist_h5, tmp_path / "copy.h5")
     run_train(None, "--data", copy, "--max-steps", 6, "--checkpoint", ck, "--resume")
