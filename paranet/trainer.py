@@ -22,7 +22,7 @@ from . import checkpoint
 from .data import BatchReader, DataError
 from .files import OutputError, atomic_path, check_output, cleanup_stale
 from .graph import Session
-from .models import Model, as_model
+from .models import Model, ModelError, as_model
 from .timeline import NoTimeline, Timeline, write_trace
 from . import _early_sigterm, _record_sigterm  # a SIGTERM seen before a Trainer ran (paranet/__init__.py)
 
@@ -208,6 +208,13 @@ class Trainer:
             self.train_reader, self.val_reader, self.test_reader = open_readers(
                 self.data, self.world, batch_size=self.batch_size, eval_batch_size=self.eval_batch_size,
                 seed=self.seed, dtype=self.dtype, prefetch=self.prefetch)
+        r = self.train_reader  # the model must take these samples and labels (as the CLI checks)
+        if hasattr(r, "sample_shape") and hasattr(r, "num_classes"):
+            try:
+                self.model.check_data(r.sample_shape, r.num_classes)
+            except ModelError as e:
+                where = f" ({r.path})" if getattr(r, "path", None) else ""
+                raise ModelError(f"{e}{where}") from None
         self._micro_shard_readers()
         self._stage_data()
         # uint8 images scaled by finite constants are finite by construction, and the reader
@@ -725,6 +732,8 @@ class Trainer:
 def fit(model, data, optimizer, **kwargs):
     """Train ``model`` on ``data`` with ``optimizer``; ``Trainer(...).fit()`` in one call.
 
+    ``kwargs`` are Trainer's keyword arguments (batch_size, epochs, max_steps, seed, dtype,
+    checkpoint, resume, callbacks, reproducible, ...): ``help(paranet.Trainer)`` has each one.
     Returns the metrics dict (test loss and accuracy, per-epoch history, throughput)."""
     return Trainer(model, data, optimizer, **kwargs).fit()
 

@@ -273,6 +273,56 @@ def test_custom_model_example_trains_with_callbacks(tmp_path):
     assert [int(r["epoch"]) for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 2
 
 
+def test_the_readmes_table_of_fit_keywords_matches_the_trainer():
+    """Each keyword the README's table names is one of Trainer's, with the default it states."""
+    import inspect
+
+    signature = inspect.signature(pn.Trainer.__init__).parameters
+    text = (REPO / "README.md").read_text()
+    table = text.split("| keyword | default | what |")[1].split("\n\n")[0]
+    rows = [line.split("|")[1:3] for line in table.strip().splitlines()[1:]]
+    special = {"on a terminal": None, "float32": np.float32, "()": (), '"auto"': "auto"}
+    seen = 0
+    for names, defaults in rows:
+        names = [n.strip(" `") for n in names.split(",")]
+        defaults = [d.strip() for d in defaults.split(", ")] if "," in defaults else [defaults.strip()] * len(names)
+        assert len(defaults) == len(names), (names, defaults)
+        for name, default in zip(names, defaults):
+            want = special[default] if default in special else {"None": None, "False": False, "True": True}.get(
+                default, default)
+            want = int(want) if isinstance(want, str) and want.isdigit() else want
+            assert name in signature and signature[name].default == want, (name, default)
+            seen += 1
+    assert seen >= 20
+
+
+@pytest.mark.mpi
+def test_fit_refuses_a_model_that_does_not_fit_the_data_before_any_step(tmp_path, mnist_h5):
+    """paranet.fit checks the model against the file as the CLI does: a model for 7 features, or
+    for 7 classes, on MNIST (28x28, 10 classes) is a ModelError naming the placeholder and both
+    shapes, on both ranks before any step: the job ends (no hang) and writes no checkpoint."""
+    user = script(tmp_path, """
+        import sys
+        import numpy as np, paranet as pn
+        model = (pn.models.mlp((7,), 10, hidden=[4]) if sys.argv[2] == "inputs"
+                 else pn.models.mlp((28, 28), 7, hidden=[4]))
+        try:
+            pn.fit(model, sys.argv[1], pn.train.GradientDescentOptimizer(0.1, model.loss), checkpoint=sys.argv[3], verbose=False)
+        except pn.models.ModelError as e:
+            rank = pn.init().rank
+            open(f"{sys.argv[3]}.rank{rank}", "w").write(f"rank {rank}: {e}")  # two ranks' prints can interleave
+            raise SystemExit(3)
+    """)
+    for what, message in (("inputs", "model 'mlp': input 'images' expects samples of shape (7,), the data has (28, 28)"),
+                          ("classes", "model 'mlp': labels 'labels' expect 7 classes, the data has 10")):
+        message += f" ({mnist_h5})"
+        proc = run(mpi(2, user, mnist_h5, what, tmp_path / f"{what}.h5"), check=False, timeout=60)
+        assert proc.returncode != 0, proc.stdout + proc.stderr
+        said = [(tmp_path / f"{what}.h5.rank{r}").read_text() for r in (0, 1)]
+        assert said == [f"rank 0: {message}", f"rank 1: {message}"], proc.stdout + proc.stderr
+        assert not (tmp_path / f"{what}.h5").exists()
+
+
 @pytest.mark.mpi
 def test_cifar_format_example_runs_under_mpiexec(tmp_path, colour_h5):
     proc = run(mpi(2, EXAMPLES / "cifar_cnn.py", "--data", colour_h5, "--epochs", 1))
