@@ -14,6 +14,7 @@ import numpy as np
 
 from . import checkpoint
 from .data import DataError, default_data_path, ensure_default_dataset
+from .data.prepare import default_dataset_origin
 from .graph import GraphError
 from .models import MODELS, ModelError, build_model, load_builder
 from .train import AdamOptimizer, GradientDescentOptimizer, MomentumOptimizer
@@ -53,7 +54,8 @@ def build_parser():
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--data", type=Path, default=None, help="HDF5 dataset (made by `python -m paranet.data`); "
-                   f"default: {default_data_path()}, built from the embedded MNIST on first use")
+                   f"default: {default_data_path()}, built on first use from the embedded MNIST of a source "
+                   "checkout, else from a download")
     p.add_argument("--model", default="mlp", metavar="MODEL",
                    help="mlp (flattened samples, --hidden layers), cnn (LeNet-style, input channels from the "
                         "data), or your own builder: pkg.module:function or path/to/file.py:function, called "
@@ -302,7 +304,7 @@ def prepare_data(args, world):
     if world.rank == 0 and args.data is None:
         try:
             if not default_data_path().exists():
-                print(f"paranet: first use: building {default_data_path()} from the embedded MNIST", flush=True)
+                print(f"paranet: first use: building {default_data_path()} from {default_dataset_origin()}", flush=True)
             args.data = ensure_default_dataset()
         except DataError as e:
             error = str(e)

@@ -125,6 +125,22 @@ def test_prepare_downloads_when_no_embedded_copy(tmp_path, serve, monkeypatch, m
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(NAMES)
 
 
+def test_an_install_without_the_embedded_copy_says_so_and_how_to_go_on_offline(tmp_path, monkeypatch):
+    """An installed wheel has no datasets/mnist/: the first-use line says MNIST is downloaded (not
+    "the embedded MNIST"), and a failed download's one line says how to give local IDX files."""
+    assert prepare_mod.default_dataset_origin() == "the embedded MNIST"  # this source checkout
+    monkeypatch.setattr(prepare_mod, "EMBEDDED_DIR", tmp_path / "absent")
+    assert prepare_mod.default_dataset_origin().startswith("a download of MNIST (an installed paranet has no embedded")
+    with pytest.raises(DataError) as e:
+        prepare_mnist(tmp_path / "m.h5", cache_dir=tmp_path / "cache", mirrors=["http://127.0.0.1:9/"], md5=md5s(),
+                      progress=False)
+    line = str(e.value)
+    assert "\n" not in line and line.startswith(f"{tmp_path / 'cache' / NAMES[0]}: download: expected a download")
+    assert line.endswith("; without a network, give IDX files you have: python -m paranet.data mnist --source DIR "
+                         "--out FILE")
+    assert not (tmp_path / "m.h5").exists()
+
+
 def test_fashion_mnist_download_falls_through_to_the_next_mirror(tmp_path, serve):
     import gzip
     from paranet.data import prepare_fashion_mnist

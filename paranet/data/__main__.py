@@ -49,7 +49,8 @@ def build_parser():
                        description="Convert MNIST IDX files (the embedded copy, --source, or a download) into "
                                    "one HDF5 file, written atomically.")
     m.add_argument("--source", default=None,
-                   help="a folder of IDX files, gzip or raw (default: datasets/mnist/, else download)")
+                   help="a folder of IDX files, gzip or raw (default: the embedded copy, a source checkout's "
+                        "datasets/mnist/, else a download)")
     _download_args(m, "the four .gz files", "mnist-idx")
     f = sub.add_parser("fashion-mnist", help="convert Fashion-MNIST (IDX) into one HDF5 file",
                        formatter_class=_Defaults,

@@ -33,6 +33,18 @@ def default_data_path():
     return Path.home() / ".cache" / "paranet" / "mnist.h5"
 
 
+def has_embedded_mnist():
+    """True in a source checkout, whose datasets/mnist/ holds the four IDX files (a wheel has none)."""
+    return all(any((EMBEDDED_DIR / (n + ext)).is_file() for ext in ("", ".gz")) for n in IDX_NAMES.values())
+
+
+def default_dataset_origin():
+    """Where ensure_default_dataset will take MNIST from, in words (the CLI's first-use line)."""
+    if has_embedded_mnist():
+        return "the embedded MNIST"
+    return "a download of MNIST (an installed paranet has no embedded copy: that is in a source checkout)"
+
+
 def _is_current(path):
     """True if path opens as HDF5 and carries this FORMAT_VERSION."""
     try:
@@ -149,15 +161,18 @@ def prepare_idx(out, dataset="mnist", source=None, val_size=5000, seed=0, cache_
             raise DataError("expected a folder of IDX files, found no such folder", file=folder,
                             dataset="--source")
         check_output(out, _idx_inputs(folder))
-    elif dataset == "mnist" and all(any((EMBEDDED_DIR / (n + ext)).is_file() for ext in ("", ".gz"))
-                                    for n in IDX_NAMES.values()):
+    elif dataset == "mnist" and has_embedded_mnist():
         folder, origin = EMBEDDED_DIR, "embedded:datasets/mnist"
         check_output(out, _idx_inputs(folder))
     else:
         cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(f"{dataset}-idx")
         check_output(out, [cache / name for name in (md5 or (MNIST_MD5 if dataset == "mnist" else FASHION_MD5))])
         fetch = download_mnist if dataset == "mnist" else download_fashion_mnist
-        folder = fetch(cache, mirrors=mirrors, md5=md5, progress=progress)
+        try:
+            folder = fetch(cache, mirrors=mirrors, md5=md5, progress=progress)
+        except DataError as e:  # offline, most likely: say how to go on without a download
+            raise DataError(f"{e.detail}; without a network, give IDX files you have: python -m paranet.data "
+                            f"{dataset} --source DIR --out FILE", file=e.file, dataset=e.dataset, rank=e.rank) from None
         origin = f"download:{folder}"
     arrays, sources = load_idx_set(folder)
     train, val = split_off_val(arrays["train_images"], arrays["train_labels"], val_size, seed, out)
