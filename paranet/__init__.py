@@ -66,6 +66,10 @@ def __getattr__(name):
     return value if attr is None else getattr(value, attr)
 
 
+def __dir__():  # the lazy names too, for dir(paranet) and tab completion
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "DistributedOptimizer", "GraphError", "Line", "MeanSquareLoss", "Model", "Node", "Parameters", "Session",
     "SoftmaxCrossEntropy", "Trainer", "Variable", "add", "callbacks", "cos", "data", "distributed", "exp", "fit",

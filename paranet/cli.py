@@ -65,11 +65,13 @@ def build_parser():
     p.add_argument("--channels", type=_int_list, default=None, metavar="N[,N...]",
                    help="cnn: output channels of each conv 5x5 + pool 2 block (default 16,32)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="default: " + ", ".join(f"{m} {d['epochs']}" for m, d in MODEL_DEFAULTS.items()))
+                   help="default: " + ", ".join(f"{m} {d['epochs']}" for m, d in MODEL_DEFAULTS.items())
+                   + f", your own model {OWN_MODEL_DEFAULTS['epochs']}")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size, split over the ranks")
     p.add_argument("--lr", type=float, default=None, help="learning rate; default: adam "
                    + ", ".join(f"{m} {d['lr']}" for m, d in MODEL_DEFAULTS.items())
-                   + "; " + ", ".join(f"{o} {v}" for o, v in SGD_LR.items()))
+                   + f", your own model {OWN_MODEL_DEFAULTS['lr']}; "
+                   + ", ".join(f"{o} {v}" for o, v in SGD_LR.items()))
     p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="the update rule (PyTorch's)")
     p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum")
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",

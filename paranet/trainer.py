@@ -315,14 +315,14 @@ class Trainer:
             count, loss_sum, correct = self.optimizer.micro_steps().evaluate(
                 self.session, m.loss, reader.epoch(0), lambda b, rows: {m.x: m.input(b.x[rows]), m.y: b.y[rows]},
                 metric=lambda b, rows: _correct(m.output.value, b.y[rows]), allreduce=self.world.allreduce)
-            return loss_sum / count, correct / count
+            return float(loss_sum / count), float(correct / count)
         sums = np.zeros(3)  # loss sum, correct, count
         for batch in reader.epoch(0):
             if batch.n_local:
                 loss = self.session.run(m.loss, {m.x: m.input(batch.x), m.y: batch.y})
                 sums += (loss * batch.n_local, _correct(m.output.value, batch.y), batch.n_local)
         self.world.allreduce_sum(sums)
-        return sums[0] / sums[2], sums[1] / sums[2]
+        return float(sums[0] / sums[2]), float(sums[1] / sums[2])  # plain floats in the metrics, not np.float64
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -497,7 +497,7 @@ class Trainer:
                 f"  model  {self.model.name}, {self.params.size:,} parameters, {self.dtype.name}\n"
                 f"  train  {self.flags.get('optimizer') or type(opt).__name__} lr {opt.learning_rate:g}, global batch {self.batch_size} "
                 f"({self._split_text()}), "
-                f"{self.epochs} epoch{'s' if self.epochs != 1 else ''} of {r.steps_per_epoch} steps")
+                f"{self.epochs} epoch{'s' if self.epochs != 1 else ''} of {r.steps_per_epoch} step{'s' if r.steps_per_epoch != 1 else ''}")
 
     def _split_text(self):
         """How a global batch is cut over the ranks, for the header."""
@@ -628,8 +628,9 @@ class Trainer:
                 self.epoch_sums = [0.0, 0.0, 0.0]
             val = (f"  val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:6.2f}%"
                    if "val_loss" in record else "")
+            comm = f"  comm {100 * record['comm_share']:4.1f}%" if self.world.size > 1 else ""  # one process: none
             self.log(f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f}{val}  "
-                     f"{record['samples_per_second']:>9,.0f} samples/s  comm {100 * record['comm_share']:4.1f}%", flush=True)
+                     f"{record['samples_per_second']:>9,.0f} samples/s{comm}", flush=True)
             if self.step_in_epoch >= steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
             self._call("on_epoch_end", record["epoch"] - 1, dict(record))

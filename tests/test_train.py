@@ -35,6 +35,8 @@ def test_p_ranks_reach_the_single_process_parameters(nprocs, mnist_h5, tmp_path,
     assert metrics["world_size"] == nprocs
     assert f"paranet: world size {nprocs}," in proc.stdout
     assert proc.stdout.count("test accuracy") == 1  # only rank 0 prints
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert epochs and all(("samples/s  comm " in line) == (nprocs > 1) for line in epochs)  # one process: no sum
 
 
 def test_float32_equivalence_within_documented_tolerance(mnist_h5, tmp_path):
