@@ -629,7 +629,8 @@ class Trainer:
             val = (f"  val loss {record['val_loss']:.4f}  val acc {100 * record['val_accuracy']:6.2f}%"
                    if "val_loss" in record else "")
             comm = f"  comm {100 * record['comm_share']:4.1f}%" if self.world.size > 1 else ""  # one process: none
-            self.log(f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f}{val}  "
+            part = f" ({self.step_in_epoch}/{steps_per_epoch} steps)" if self.step_in_epoch < steps_per_epoch else ""
+            self.log(f"epoch {record['epoch']:>3}/{self.epochs}{part}  train loss {record['train_loss']:.4f}{val}  "
                      f"{record['samples_per_second']:>9,.0f} samples/s{comm}", flush=True)
             if self.step_in_epoch >= steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0

@@ -37,6 +37,7 @@ def test_p_ranks_reach_the_single_process_parameters(nprocs, mnist_h5, tmp_path,
     assert proc.stdout.count("test accuracy") == 1  # only rank 0 prints
     epochs = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
     assert epochs and all(("samples/s  comm " in line) == (nprocs > 1) for line in epochs)  # one process: no sum
+    assert [line.split("  train")[0] for line in epochs] == ["epoch   1/12 (30/437 steps)"]  # 55,000 / 126: a part
 
 
 def test_float32_equivalence_within_documented_tolerance(mnist_h5, tmp_path):
