@@ -131,7 +131,14 @@ WRITE_CASES = {
                                                         r"with at least one dimension per sample, got shape \(6,\)"),
     "int16 features": (bad(X=np.zeros((6, 2, 3), np.int16)),
                        r"expected features of dtype uint8, float32 or float64, got int16"),
-    "float labels": (bad(y=np.zeros(6)), r"/train/labels: expected integer labels, got dtype float64"),
+    "float labels": (bad(y=np.zeros(6)), r"/train/labels: expected integer labels of shape \(N,\), got dtype float64 "
+                                         r"shape \(6,\)$"),
+    "one-hot float labels": (bad(y=np.eye(3)[np.arange(6) % 3]),
+                             r"/train/labels: expected integer labels of shape \(N,\), got dtype float64 shape "
+                             r"\(6, 3\) \(one-hot rows\? pass y.argmax\(axis=1\)\)$"),
+    "one-hot int labels": (bad(y=np.eye(3, dtype=int)[np.arange(6) % 3]),
+                           r"/train/labels: expected labels of shape \(N,\), got \(6, 3\) \(one-hot rows\? pass "
+                           r"y.argmax\(axis=1\)\)$"),
     "labels of rank 2": (bad(y=np.zeros((6, 1), int)), r"/train/labels: expected labels of shape \(N,\), got \(6, 1\)"),
     "other sample shape in test": (bad(X=np.ones((6, 3, 2), np.float32), split="test"),
                                    r"/test/images: expected samples of shape \(2, 3\) and dtype float32 as in /train, "

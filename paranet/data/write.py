@@ -33,10 +33,12 @@ def check_arrays(X, y, file, x_name, y_name):
                         f"got shape {X.shape}", file=file, dataset=x_name)
     if 0 in X.shape[1:]:
         raise DataError(f"expected every sample dimension > 0, got shape {X.shape}", file=file, dataset=x_name)
+    one_hot = " (one-hot rows? pass y.argmax(axis=1))" if y.ndim == 2 and y.shape[1] > 1 else ""
     if y.dtype.kind not in "iu":
-        raise DataError(f"expected integer labels, got dtype {y.dtype}", file=file, dataset=y_name)
+        raise DataError(f"expected integer labels of shape (N,), got dtype {y.dtype} shape {y.shape}{one_hot}",
+                        file=file, dataset=y_name)
     if y.ndim != 1:
-        raise DataError(f"expected labels of shape (N,), got {y.shape}", file=file, dataset=y_name)
+        raise DataError(f"expected labels of shape (N,), got {y.shape}{one_hot}", file=file, dataset=y_name)
     if len(y) != len(X):
         raise DataError(f"expected {len(X)} labels (one per sample in {x_name}), got {len(y)}",
                         file=file, dataset=y_name)
