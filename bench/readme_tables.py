@@ -27,6 +27,7 @@ TABLES = {
     "threads_two_hosts": ("threads", "bench.threads", "markdown_two_hosts"),
     "cnn": ("cnn", "bench.cnn", "markdown"),
     "cnn_ops": ("cnn", "bench.cnn", "markdown_ops"),
+    "cnn_pieces": ("cnn_pieces", "bench.cnn_pieces", "markdown"),
     "reproducible_accuracy": ("reproducible", "bench.reproducible", "markdown_accuracy"),
     "reproducible_cost": ("reproducible", "bench.reproducible", "markdown_throughput"),
     "watchdog": ("watchdog", "bench.watchdog", "markdown"),

@@ -569,6 +569,8 @@ def main(argv=None):
     from bench import cnn as cnn_bench  # the CNN step against PyTorch and its GEMM limit (issue 13, target 2)
     results["cnn"] = {"skipped": "--quick"} if args.quick else cnn_bench.main(
         ["--out", str(args.out), "--python", args.python] + ["--no-torch"] * args.no_torch)
+    from bench import cnn_pieces  # the CNN trainer: a rank's shard in pieces of <= 128 rows against one pass
+    results["cnn_pieces"] = {"skipped": "--quick"} if args.quick else cnn_pieces.main(["--python", args.python])
     from bench import reproducible as repro_bench  # --reproducible: cost side by side, accuracy (issue 12)
     results["reproducible"] = repro_bench.main(["--quick"] * args.quick + ["--procs", *map(str, args.procs),
                                                                             "--batches", *map(str, args.batches)])

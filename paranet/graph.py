@@ -48,6 +48,9 @@ class Node:
     # stacked, each one's result the bits it would have alone whatever G, sets ``groupable``;
     # Session sets ``groups`` to G during such a pass and to None otherwise.
     groupable = False
+    # rows above which a batch runs faster in pieces (its temporaries then stay in cache): the
+    # trainer's step cuts a larger shard into pieces of at most this many rows; None: no limit
+    chunk_rows = None
     groups = None
 
     def __init__(self, *inputs, name=None):
@@ -317,6 +320,8 @@ class Plan:
         # every op can run grouped and works on rows of the batch (a Variable feeds an op
         # directly, never through an op of its own): then Session.forward(groups=G) applies
         self.groupable = bool(self.ops) and all(op.groupable and op.root is not None for op in self.ops)
+        # the fewest rows an op of the plan would rather run at once (Node.chunk_rows), or None
+        self.chunk_rows = min((op.chunk_rows for op in self.ops if op.chunk_rows), default=None)
         self.params = None  # the Parameters packing ``variables``, set by Session.plan
 
 

@@ -189,6 +189,7 @@ class Trainer:
         self.timeline = self.optimizer.timeline = self.recording or NoTimeline()
         self.train_reader = self.val_reader = self.test_reader = None
         self._checkpoint_request = False  # rank 0: --checkpoint-every minutes is due
+        self._piece_sum = None  # the step's gradient sum over pieces of the shard (_forward_backward)
         self._last_save = time.monotonic()
         self._lock = None
         self._watchdog = None
@@ -267,19 +268,45 @@ class Trainer:
         if self.optimizer.reproducible:
             return self._reproducible_step(batch)
         if batch.n_local:
-            plan = self.session.plan(m.loss)
-            with tl.span("forward"):
-                self.session.forward(plan, {m.x: m.input(batch.x), m.y: batch.y})
-            with tl.span("backward"):
-                self.session.backward(plan)
-            correct = _correct(m.output.value, batch.y)
-            loss_sum = float(m.loss.value) * batch.n_local
+            loss_sum, correct = self._forward_backward(self.session.plan(m.loss), batch.x, batch.y)
         else:  # a short last batch left this rank without samples: it joins with weight zero
             loss_sum, correct = 0.0, 0
         if self.fault and self.fault["at"] == "step" and self.fault["step"] == self.global_step:
             _inject(self.fault, params)
         stop = self._stop_slot()  # summed over the ranks with the gradients
         return self.optimizer.reduce_and_apply(params, batch.n_local, loss_sum, correct, stop, total=batch.n_global)
+
+    def _forward_backward(self, plan, x, y):
+        """Forward and backward on this rank's rows, the gradient of their mean loss left in the
+        parameters' ``grad``; returns (loss sum, correct count). A plan with ``chunk_rows``
+        (one with a Conv2D) runs more rows than that in nearly equal pieces, whose gradients are
+        added weighted by their rows: the same gradient, its temporaries kept in cache."""
+        m, tl, n = self.model, self.timeline, len(y)
+        bounds = piece_bounds(n, plan.chunk_rows)
+        if len(bounds) == 2:
+            with tl.span("forward"):
+                self.session.forward(plan, {m.x: m.input(x), m.y: y})
+            with tl.span("backward"):
+                self.session.backward(plan)
+            return float(m.loss.value) * n, _correct(m.output.value, y)
+        grads = self.params.grads
+        if self._piece_sum is None or self._piece_sum.shape != grads.shape:
+            self._piece_sum = np.empty_like(grads)
+        total, loss_sum, correct = self._piece_sum, 0.0, 0
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            with tl.span("forward"):
+                self.session.forward(plan, {m.x: m.input(x[a:b]), m.y: y[a:b]})
+            with tl.span("backward"):
+                self.session.backward(plan)
+            loss_sum += float(m.loss.value) * (b - a)
+            correct += _correct(m.output.value, y[a:b])
+            if i == 0:
+                np.multiply(grads, b - a, out=total)
+            else:
+                grads *= b - a
+                total += grads
+        np.divide(total, n, out=grads)
+        return loss_sum, correct
 
     def _reproducible_step(self, batch):
         """step() with reproducible: forward and backward per micro-shard inside the optimizer,
@@ -317,10 +344,13 @@ class Trainer:
                 metric=lambda b, rows: _correct(m.output.value, b.y[rows]), allreduce=self.world.allreduce)
             return float(loss_sum / count), float(correct / count)
         sums = np.zeros(3)  # loss sum, correct, count
+        rows = self.session.plan(m.loss).chunk_rows
         for batch in reader.epoch(0):
-            if batch.n_local:
-                loss = self.session.run(m.loss, {m.x: m.input(batch.x), m.y: batch.y})
-                sums += (loss * batch.n_local, _correct(m.output.value, batch.y), batch.n_local)
+            bounds = piece_bounds(batch.n_local, rows)  # in pieces, as the step (a Conv2D)
+            for a, b in zip(bounds, bounds[1:]):
+                x, y = (batch.x, batch.y) if len(bounds) == 2 else (batch.x[a:b], batch.y[a:b])
+                loss = self.session.run(m.loss, {m.x: m.input(x), m.y: y})
+                sums += (loss * (b - a), _correct(m.output.value, y), b - a)
         self.world.allreduce_sum(sums)
         return float(sums[0] / sums[2]), float(sums[1] / sums[2])  # plain floats in the metrics, not np.float64
 
@@ -738,6 +768,15 @@ def fit(model, data, optimizer, **kwargs):
     checkpoint, resume, callbacks, reproducible, ...): ``help(paranet.Trainer)`` has each one.
     Returns the metrics dict (test loss and accuracy, per-epoch history, throughput)."""
     return Trainer(model, data, optimizer, **kwargs).fit()
+
+
+def piece_bounds(n, rows):
+    """Bounds of the nearly equal pieces, at most ``rows`` rows each, that n rows are cut into:
+    [0, n] in one piece when ``rows`` is None or n <= rows; [] when n is 0."""
+    if n == 0:
+        return []
+    pieces = 1 if not rows or n <= rows else -(-n // rows)
+    return [n * i // pieces for i in range(pieces + 1)]
 
 
 def _memory_available():

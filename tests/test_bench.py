@@ -272,6 +272,26 @@ def test_cnn_tables_render_the_readme_rows():
     assert cnn.markdown_ops({"cases": [no_torch]}) is None
 
 
+@pytest.mark.mpi
+def test_cnn_pieces_bench_runs_both_contenders_and_renders_its_table(mnist_h5, tmp_path):
+    """A tiny run: both contenders train through the trainer's CLI and report samples/s, and the
+    table shows the run's own figures (the pieces' gradient itself is tested in test_train.py)."""
+    from bench import cnn_pieces
+
+    results = cnn_pieces.main(["--data", str(mnist_h5), "--procs", "1", "--batches", "256", "--steps", "2",
+                               "--repeats", "1", "--json", str(tmp_path / "p.json")])
+    (case,) = results["cases"]
+    assert case["rows_per_rank"] == 256 and case["whole"][0] > 0 and case["pieces"][0] > 0
+    assert case["ratio"] == case["pieces"][0] / case["whole"][0]
+    assert json.loads((tmp_path / "p.json").read_text()) == results
+    lines = cnn_pieces.markdown(results).splitlines()
+    assert lines[2] == (f"| 1 | 256 | 256 | {case['whole_median']:,.0f} | {case['pieces_median']:,.0f} | "
+                        f"{case['ratio']:.2f}x |")
+    proc = subprocess.run([sys.executable, "-m", "bench.cnn_pieces", "--run", "--rows", "0", "--", "--help"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "paranet-train" in proc.stdout  # --run hands the rest to the trainer's CLI
+
+
 def test_reproducible_and_watchdog_tables_render_the_readme_rows():
     from bench import reproducible, watchdog
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from launch import REPO, env, load_params, max_abs_diff, run_train, train_cmd
+from launch import MPIEXEC, REPO, env, load_params, max_abs_diff, run_train, train_cmd
 
 pytestmark = pytest.mark.mpi
 
@@ -346,3 +346,70 @@ def test_sigterm_while_the_trainer_is_still_importing_stops_it_cleanly(tmp_path,
     assert "paranet: stopped by SIGTERM before step 1" in out
     with h5py.File(ck, "r") as f:
         assert f.attrs["global_step"] == 0
+
+
+# -- a CNN shard above Conv2DOp.chunk_rows runs in pieces ---------------------------------------
+
+PIECES = """
+import sys
+import numpy as np
+import paranet as pn
+from paranet.nn.conv import Conv2DOp
+
+data, out, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
+Conv2DOp.chunk_rows = rows or None  # 0: the whole shard in one pass, the reference
+model = pn.models.cnn((16, 16), 3, np.random.default_rng(1), channels=(4, 8), hidden=16)
+m = pn.fit(model, data, pn.train.AdamOptimizer(0.01, model.loss), batch_size=int(sys.argv[4]), epochs=4,
+           dtype=np.float64, save_params=out, verbose=False)
+if pn.init().rank == 0:
+    print(m["history"][-1]["train_loss"], m["history"][-1]["train_accuracy"], m["test_loss"], m["test_accuracy"])
+"""
+
+
+@pytest.fixture(scope="module")
+def small_images(tmp_path_factory):
+    """1,000 16x16 float images in 3 classes (a bright quadrant a class), 200 for val and test."""
+    from paranet.data import write_dataset
+
+    rng = np.random.default_rng(5)
+
+    def split(n):
+        y = rng.integers(0, 3, n)
+        X = rng.normal(0, 1, (n, 16, 16)).astype(np.float32)
+        for c in range(3):
+            X[y == c, (c // 2) * 8:(c // 2) * 8 + 8, (c % 2) * 8:(c % 2) * 8 + 8] += 1.5
+        return X, y
+    return write_dataset(tmp_path_factory.mktemp("small") / "s.h5", train=split(1000), val=split(200),
+                         test=split(200), num_classes=3)
+
+
+@pytest.mark.parametrize("nprocs, batch", [(None, 200), (2, 300)])
+def test_a_cnn_shard_in_pieces_trains_as_the_whole_shard(nprocs, batch, small_images, tmp_path):
+    """Pieces of at most 64 rows (200 rows: 4 of 50; 150 a rank: 3 of 50, and the epoch's last,
+    shorter shards) give the parameters and metrics of one pass over the whole shard, float64,
+    to rounding: the gradient of the mean is put together from the pieces' weighted by their rows."""
+    script = tmp_path / "pieces.py"
+    script.write_text(PIECES)
+    cmd = [sys.executable, script] if nprocs is None else [MPIEXEC, "-n", nprocs, sys.executable, script]
+    results = {}
+    for rows in (0, 64):
+        out = tmp_path / f"p{rows}.npz"
+        proc = subprocess.run([str(c) for c in cmd + [small_images, out, rows, batch]], cwd=REPO, env=env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        results[rows] = (load_params(out), [float(v) for v in proc.stdout.split()])
+    (whole, whole_metrics), (pieces, piece_metrics) = results[0], results[64]
+    assert max_abs_diff(whole, pieces) <= 1e-11
+    assert np.allclose(piece_metrics, whole_metrics, rtol=1e-11, atol=0)
+    assert whole_metrics[3] > 0.9  # it learned: the comparison is not of two untrained nets
+
+
+def test_piece_bounds():
+    from paranet.trainer import piece_bounds
+
+    assert piece_bounds(0, 128) == [] and piece_bounds(5, None) == [0, 5] and piece_bounds(128, 128) == [0, 128]
+    assert piece_bounds(129, 128) == [0, 64, 129] and piece_bounds(500, 128) == [0, 125, 250, 375, 500]
+    for n in range(1, 600, 7):
+        b = piece_bounds(n, 64)
+        sizes = np.diff(b)
+        assert b[0] == 0 and b[-1] == n and sizes.max() <= 64 and sizes.max() - sizes.min() <= 1
