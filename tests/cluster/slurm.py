@@ -6,6 +6,7 @@ Everything (config, key, state, spool, logs, munge socket) lives in one temporar
 so a munged or SLURM already running on the machine is neither used nor disturbed.
 See /work/shared/notes/slurm-local-cluster.md for the facts behind each setting.
 """
+import glob
 import os
 import pwd
 import re
@@ -17,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-PACKAGES = ["slurm-wlm", "munge"]
+PACKAGES = ["slurm-wlm", "munge", "libpmix-dev"]  # libpmix.so: what srun --mpi=pmix loads (Open MPI's PMI)
 BINARIES = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "srun"]
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                  "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "SUSPENDED"}
@@ -35,12 +36,15 @@ def missing_requirement(install=True):
     if os.geteuid() != 0:
         return "a local SLURM needs root (slurmd runs jobs as root, munged as user munge)"
     absent = [b for b in BINARIES if shutil.which(b, path=_sbin_path()) is None]
+    if not glob.glob("/usr/lib/*/pmix*/lib/libpmix.so"):
+        absent.append("libpmix.so")
     if absent and install and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=300)
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
                        env=env, capture_output=True, timeout=600)
         absent = [b for b in BINARIES if shutil.which(b, path=_sbin_path()) is None]
+        absent += [] if glob.glob("/usr/lib/*/pmix*/lib/libpmix.so") else ["libpmix.so"]
     if absent:
         return f"SLURM/munge binaries missing: {', '.join(absent)} (apt-get install {' '.join(PACKAGES)})"
     try:
