@@ -124,7 +124,11 @@ fi
 
 read -r -a extra <<< "${PARANET_TRAIN_ARGS:-}"
 train=("$python" -m paranet.train "${extra[@]}" "$@" --checkpoint "$checkpoint" --resume --metrics "$metrics")
-cmd=("$mpiexec" -n "$ranks" -f "$nodefile" "${train[@]}")
+# Open MPI (a site's module) reads the node file with --hostfile (a host a line, a line a slot);
+# MPICH's hydra with -f
+hosts_flag=-f
+if "$mpiexec" --version 2>&1 | grep -q "Open MPI"; then hosts_flag=--hostfile; fi
+cmd=("$mpiexec" -n "$ranks" "$hosts_flag" "$nodefile" "${train[@]}")
 # The SIGTERM trap is set before the launch: a SIGTERM at any moment is passed on, or stops the
 # job before anything started.
 pid= terminated=0

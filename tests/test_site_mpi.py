@@ -106,3 +106,20 @@ def test_the_launch_script_drives_open_mpi(mnist_h5, tmp_path):
                           cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "mpiexec -n 2 --host localhost:2 " in proc.stderr and "paranet: world size 2," in proc.stdout
+
+
+def test_the_pbs_script_drives_open_mpi(mnist_h5, tmp_path):
+    """launch/pbs.sh in a simulated PBS job with the Open MPI environment: the node file goes to
+    Open MPI's mpiexec as --hostfile (one line a slot; MPICH's -f would be refused)."""
+    nodefile = tmp_path / "nodes"
+    nodefile.write_text("localhost\nlocalhost\n")
+    e = ompi_env(PBS_JOBID="9.pbs-server", PBS_O_WORKDIR=tmp_path, PBS_NODEFILE=nodefile,
+                 PARANET_RUN_DIR=tmp_path / "run", PARANET_PYTHON=OMPI / "python", PARANET_REQUEUE=0,
+                 PARANET_TRAIN_ARGS=f"--data {mnist_h5} --max-steps 4")
+    e.pop("PBS_WALLTIME", None)
+    proc = subprocess.run([str(REPO / "launch" / "pbs.sh")], cwd=tmp_path, env=e, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert f"mpiexec -n 2 --hostfile {nodefile} " in out and "paranet: world size 2, Open MPI" in out, out
+    assert (tmp_path / "run" / "metrics.json").is_file()
