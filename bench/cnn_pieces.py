@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.trainer_e2e import REPO, env
+from bench.trainer_e2e import REPO, env, run_measured
 
 
 def run_trainer(args, ranks, batch, rows, tmp):
@@ -82,15 +82,7 @@ def main(argv=None):
 
         Conv2DOp.chunk_rows = args.rows or None
         return train(args.trainer_args)
-    if args.data is None:
-        from paranet.data import ensure_default_dataset
-
-        args.data = ensure_default_dataset()
-    results = measure(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-    return results
+    return run_measured(args, measure)
 
 
 if __name__ == "__main__":

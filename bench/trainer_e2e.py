@@ -160,19 +160,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def with_data(args):
+    """args with --data resolved: the trainer's default MNIST file when none was given."""
     if args.data is None:
         from paranet.data import ensure_default_dataset
 
         args.data = ensure_default_dataset()
-    if args.loop:
-        return hand_loop(args)
-    results = measure(args)
+    return args
+
+
+def run_measured(args, measure):
+    """measure(args) on the resolved --data, its results written to --json if asked; returns them."""
+    results = measure(with_data(args))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
     return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.loop:
+        return hand_loop(with_data(args))
+    return run_measured(args, measure)
 
 
 if __name__ == "__main__":
