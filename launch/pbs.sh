@@ -20,7 +20,8 @@
 # PBS has no "signal me before the limit" option, and at the walltime it sends SIGTERM only a few
 # seconds (kill_delay) before SIGKILL. So this script starts its own timer: PARANET_SIGNAL_MARGIN
 # seconds (default 120) before the walltime it sends SIGTERM to the ranks, which finish their step,
-# save the checkpoint and exit 0. A SIGTERM to the job itself is passed on the same way.
+# save the checkpoint and exit 0. A SIGTERM to the job itself is passed on the same way. (With Open
+# MPI's mpiexec the signal sent is SIGUSR1, which it passes on; SIGTERM would end the job.)
 #
 # Settings from the environment (qsub -v NAME=value, or -V to export the whole environment):
 #   PARANET_TRAIN_ARGS     training flags (split on spaces), before any arguments given to the script
@@ -60,8 +61,9 @@ seconds() {  # [[h:]m:]s -> seconds (PBS's walltime format), or fail
 }
 
 # Check every setting before anything is launched: a bad one must not leave ranks running.
-cd "${PBS_O_WORKDIR:-.}"
-job_id=${PBS_JOBID:?this script runs inside a PBS job: submit it with qsub}
+[[ -n ${PBS_JOBID:-} ]] || die "PBS_JOBID is not set: this script runs inside a PBS job (submit it with qsub)"
+cd "${PBS_O_WORKDIR:-.}" 2>/dev/null || die "cannot enter PBS_O_WORKDIR=$PBS_O_WORKDIR (the submit directory)"
+job_id=$PBS_JOBID
 job_name=${PBS_JOBNAME:-paranet}
 export PARANET_RUN_DIR=${PARANET_RUN_DIR:-runs/$job_name-${job_id%%.*}}
 run_dir=$PARANET_RUN_DIR
@@ -75,6 +77,8 @@ elif [[ -x .venv/bin/python ]]; then
 else
     python=$(program python3) || die "no python3 on PATH and no .venv in $PWD: set PARANET_PYTHON"
 fi
+why=$("$python" -c "import paranet" 2>&1 >/dev/null | tail -n 1) || true
+[[ -z $why ]] || die "$python cannot import paranet ($why): install paranet there, or set PARANET_PYTHON"
 if [[ -n ${PARANET_MPIEXEC:-} ]]; then
     mpiexec=$(program "$PARANET_MPIEXEC") || die "PARANET_MPIEXEC=$PARANET_MPIEXEC is not an executable file"
 elif [[ -x $(dirname "$python")/mpiexec ]]; then
@@ -83,7 +87,8 @@ else
     mpiexec=$(program mpiexec) || die "no mpiexec next to $python nor on PATH: pip install mpich, or set PARANET_MPIEXEC"
 fi
 
-nodefile=${PBS_NODEFILE:?PBS_NODEFILE is not set}
+[[ -n ${PBS_NODEFILE:-} ]] || die "PBS_NODEFILE is not set: this script runs inside a PBS job (submit it with qsub)"
+nodefile=$PBS_NODEFILE
 [[ -f $nodefile && -r $nodefile ]] || die "PBS_NODEFILE $nodefile is not readable"
 ranks=$(grep -c '[^[:space:]]' "$nodefile" || true)  # PBS lists each host once per rank it may run
 (( ranks > 0 )) || die "PBS_NODEFILE $nodefile lists no hosts: check the job's -l nodes/select request"
@@ -124,29 +129,30 @@ fi
 
 read -r -a extra <<< "${PARANET_TRAIN_ARGS:-}"
 train=("$python" -m paranet.train "${extra[@]}" "$@" --checkpoint "$checkpoint" --resume --metrics "$metrics")
-# Open MPI (a site's module) reads the node file with --hostfile (a host a line, a line a slot);
-# MPICH's hydra with -f
-hosts_flag=-f
-if "$mpiexec" --version 2>&1 | grep -q "Open MPI"; then hosts_flag=--hostfile; fi
+# Open MPI (a site's module) reads the node file with --hostfile (a host a line, a line a slot),
+# MPICH's hydra with -f. Open MPI's mpiexec ends the job on SIGTERM, cutting the ranks' clean stop
+# short; it passes SIGUSR1 on, which stops paranet the same way. So the stop is sent as USR1 there.
+hosts_flag=-f stop=TERM
+if "$mpiexec" --version 2>&1 | grep -q "Open MPI"; then hosts_flag=--hostfile stop=USR1; fi
 cmd=("$mpiexec" -n "$ranks" "$hosts_flag" "$nodefile" "${train[@]}")
 # The SIGTERM trap is set before the launch: a SIGTERM at any moment is passed on, or stops the
 # job before anything started.
 pid= terminated=0
-trap 'terminated=1; if [[ -n $pid ]]; then log "SIGTERM: passing it on to the ranks"; kill -TERM "$pid" 2>/dev/null || true; fi' TERM
+trap 'terminated=1; if [[ -n $pid ]]; then log "SIGTERM: passing it on to the ranks (as SIG$stop)"; kill -$stop "$pid" 2>/dev/null || true; fi' TERM
 log "${cmd[*]}"
 "${cmd[@]}" &
 pid=$!
-if (( terminated )); then kill -TERM "$pid" 2>/dev/null || true; fi  # arrived while it was starting
+if (( terminated )); then kill -$stop "$pid" 2>/dev/null || true; fi  # arrived while it was starting
 
 timer=
 if [[ -n $walltime ]]; then
     delay=$((walltime - margin))
-    log "SIGTERM to the ranks in $delay s (walltime $walltime s)"
+    log "SIG$stop to the ranks in $delay s (walltime $walltime s)"
     (
         nap=
         trap 'if [[ -n $nap ]]; then kill "$nap" 2>/dev/null; fi; exit 0' TERM  # training ended first: take the sleep along
         sleep "$delay" >/dev/null 2>&1 </dev/null & nap=$!  # even if orphaned, it holds no output open
-        if wait "$nap"; then log "walltime nearly over: SIGTERM to the ranks"; kill -TERM "$pid"; fi
+        if wait "$nap"; then log "walltime nearly over: SIG$stop to the ranks"; kill -$stop "$pid"; fi
     ) &
     timer=$!
 fi

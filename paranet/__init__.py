@@ -18,11 +18,11 @@ import sys as _sys
 # rest load (about 0.4 s): paranet.trainer.Trainer.fit then stops cleanly before its first
 # step. Only for `python -m paranet.train` and `paranet-train`; a library user's signals are
 # left alone.
-_early_sigterm = [False]
+_early_sigterm = [False]  # False, or the name of the stop signal that came
 
 
 def _record_sigterm(signum, frame):
-    _early_sigterm[0] = True
+    _early_sigterm[0] = _signal.Signals(signum).name
 
 
 def _is_trainer_cli(orig_argv, argv):
@@ -34,7 +34,8 @@ def _is_trainer_cli(orig_argv, argv):
 
 
 if _is_trainer_cli(getattr(_sys, "orig_argv", []), _sys.argv):
-    _signal.signal(_signal.SIGTERM, _record_sigterm)
+    for _stop in (_signal.SIGTERM, _signal.SIGUSR1):  # paranet.trainer.STOP_SIGNALS
+        _signal.signal(_stop, _record_sigterm)
 
 from . import nn, train  # noqa: E402
 from .activations import Line, relu, sigmoid, softmax

@@ -88,7 +88,7 @@ def build_parser():
                         + " must be as when it was written; the number of ranks and every other flag may change")
     p.add_argument("--checkpoint-every", type=_every, default=None, metavar="N|Mmin",
                    help="also write the checkpoint every N steps, or every M minutes (e.g. 500, 10min), "
-                        "besides every epoch and on SIGTERM")
+                        "besides every epoch and on SIGTERM or SIGUSR1")
     p.add_argument("--keep", type=int, default=1, metavar="K",
                    help="keep the last K checkpoints: --checkpoint the newest, then CHECKPOINT.1 ... CHECKPOINT.<K-1>")
     p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",

@@ -39,12 +39,20 @@ CALLBACK_STOP = 1 << 12
 CHECKPOINT_NOW = 0.5
 
 
+# The signals that stop training cleanly: the ranks finish the step, save the checkpoint, exit 0.
+# SIGTERM is what schedulers send; SIGUSR1 is the one both MPICH's and Open MPI's mpiexec pass on
+# to the ranks and let the job go on (Open MPI's mpiexec ends the job on SIGTERM: its ranks'
+# clean stop is cut off, exit status 1).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def catch_sigterm():
-    """Record SIGTERM instead of dying from it, for the start-up before ``Trainer.fit`` (MPI,
-    building the data and the model): ``fit`` then stops cleanly before the first step. The
-    trainer's command line has it from its first line (paranet/__init__.py); ``cli.main``
-    calls this for a caller that runs it in-process."""
-    signal.signal(signal.SIGTERM, _record_sigterm)
+    """Record a stop signal (STOP_SIGNALS) instead of dying from it, for the start-up before
+    ``Trainer.fit`` (MPI, building the data and the model): ``fit`` then stops cleanly before
+    the first step. The trainer's command line has it from its first line (paranet/__init__.py);
+    ``cli.main`` calls this for a caller that runs it in-process."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _record_sigterm)
 
 
 class Stop(Exception):
@@ -182,7 +190,8 @@ class Trainer:
         self.history = []
         self.epoch_sums = [0.0, 0.0, 0.0]  # the current epoch's loss sum, correct, count so far (checkpointed)
         self.stop_training = False  # set by a callback: every rank stops (see Callback)
-        self.stop_requested = False  # SIGTERM: checkpoint and stop after the current step
+        self.stop_requested = False  # SIGTERM or SIGUSR1: checkpoint and stop after the current step
+        self.stop_signal = "SIGTERM"  # its name, for the last line (SIGTERM when only another rank saw one)
         self._stop_after_step = False  # a callback's request, travelling in the next step's sum
         self.fault = _parse_fault(os.environ.get("PARANET_FAULT"), w.rank)
         self.recording = Timeline(w.rank) if timeline else None
@@ -545,9 +554,10 @@ class Trainer:
     def fit(self):
         """Train; returns the metrics dict (the same on every rank). Raises Stop when the run
         ends early for a reason every rank agrees on (SIGTERM, bad data, divergence)."""
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        previous = {sig: signal.signal(sig, self._on_sigterm) for sig in STOP_SIGNALS}
         if _early_sigterm[0]:  # it came during start-up: stop before the first step
-            self.stop_requested, _early_sigterm[0] = True, False
+            self.stop_requested, self.stop_signal = True, _early_sigterm[0]
+            _early_sigterm[0] = False
         try:
             self.check_outputs()
             self._take_lock()
@@ -569,7 +579,8 @@ class Trainer:
             return metrics
         finally:
             self._release_lock()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _loop(self):
         w = self.world
@@ -584,7 +595,7 @@ class Trainer:
         self._call("on_train_begin", {})
         if w.allreduce(int(self.stop_requested)):  # SIGTERM during start-up, on any rank
             self.save_checkpoint()
-            raise Stop(f"paranet: stopped by SIGTERM before step {self.global_step + 1}"
+            raise Stop(f"paranet: stopped by {self.stop_signal} before step {self.global_step + 1}"
                        + (f"; checkpoint saved to {self.checkpoint} (continue with --resume)" if self.checkpoint else ""), 0)
         if self.max_steps is not None and self.global_step >= self.max_steps:
             self.log(f"paranet: step {self.global_step} already reached --max-steps {self.max_steps}: no step to run")
@@ -741,11 +752,12 @@ class Trainer:
         return self.checkpoint_seconds is not None and stop % 1 >= CHECKPOINT_NOW / 2  # rank 0 asked
 
     def _sigterm_message(self):
-        return (f"paranet: stopped by SIGTERM after step {self.global_step}"
+        return (f"paranet: stopped by {self.stop_signal} after step {self.global_step}"
                 + (f"; checkpoint saved to {self.checkpoint} (continue with --resume)" if self.checkpoint else ""))
 
     def _on_sigterm(self, signum, frame):
         self.stop_requested = True  # honoured after the current step, on every rank at once
+        self.stop_signal = signal.Signals(signum).name
 
     def _bar(self, total):
         if not self.progress:

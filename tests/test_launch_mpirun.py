@@ -51,12 +51,26 @@ def test_hostfile_goes_to_mpiexec(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["-n", "0"], "-n wants a positive rank count, not '0'"),
     (["-n"], "option -n needs a value"),
-    (["--epochs", "2"], "unknown option --"),  # training flags need "--" before them
+    (["--epochs", "2"], 'training flags go after "--": launch/mpirun.sh -n RANKS -- --epochs 2'),
     (["-f", "/nonexistent/hosts"], "hostfile /nonexistent/hosts is not readable"),
 ])
 def test_usage_errors_exit_2(args, message):
     proc = _run(*args, timeout=30)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_a_python_without_paranet_is_refused_before_launch(tmp_path):
+    """PARANET_PYTHON that cannot import paranet (here: no site-packages, no PYTHONPATH) is one
+    line naming it and Python's reason, exit 2, and mpiexec never starts."""
+    bare = tmp_path / "python"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    bare.chmod(0o755)
+    fake = _fake_mpiexec(tmp_path)
+    proc = _run("-n", 2, "--", "--epochs", 1, timeout=30, PARANET_PYTHON=bare, PARANET_MPIEXEC=fake)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[0] == (f"launch/mpirun.sh: {bare} cannot import paranet (ModuleNotFoundError: No "
+                                           "module named 'paranet'): install paranet there, or set PARANET_PYTHON")
+    assert _calls(tmp_path) == []
 
 
 def test_help_describes_the_options():
@@ -202,11 +216,22 @@ def _pbs(tmp_path, nodes="localhost\nlocalhost\n", **extra):
     ({"PARANET_REQUEUE": "yes"}, "PARANET_REQUEUE must be 0 or 1, not 'yes'"),
     ({"PARANET_MPIEXEC": "/nonexistent/mpiexec"}, "PARANET_MPIEXEC=/nonexistent/mpiexec is not an executable file"),
     ({"PARANET_PYTHON": "/nonexistent/python"}, "PARANET_PYTHON=/nonexistent/python is not an executable file"),
+    ({"PBS_JOBID": ""}, "PBS_JOBID is not set: this script runs inside a PBS job (submit it with qsub)"),
+    ({"PBS_O_WORKDIR": "/nonexistent"}, "cannot enter PBS_O_WORKDIR=/nonexistent (the submit directory)"),
+    ({"PBS_NODEFILE": ""}, "PBS_NODEFILE is not set: this script runs inside a PBS job (submit it with qsub)"),
 ])
 def test_pbs_sh_bad_settings_are_one_line_and_nothing_is_launched(tmp_path, extra, message):
     proc, calls = _pbs(tmp_path, **extra)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [f"paranet-pbs: {message}"], proc.stdout + proc.stderr
     assert calls == []  # no ranks left running as orphans
+
+
+def test_slurm_sbatch_outside_a_job_is_one_line(tmp_path):
+    e = {k: v for k, v in env().items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch")], cwd=tmp_path, env=e, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "paranet-sbatch: SLURM_JOB_ID is not set: this script runs inside a SLURM job (submit it with sbatch)"]
 
 
 @pytest.mark.parametrize("nodes, message", [("", "lists no hosts"), ("\n\n", "lists no hosts"),

@@ -6,10 +6,13 @@ mpich wheel, with paranet installed from its wheel, as README "Use the cluster's
 checkout with no PYTHONPATH, so the paranet they import is the installed one. The references are
 the mpich environment's runs: the same bits under --reproducible, whatever the MPI library."""
 import hashlib
+import json
 import os
+import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 
 from launch import REPO, load_params, run_train
@@ -106,20 +109,56 @@ def test_the_launch_script_drives_open_mpi(mnist_h5, tmp_path):
                           cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "mpiexec -n 2 --host localhost:2 " in proc.stderr and "paranet: world size 2," in proc.stdout
+    proc = subprocess.run(["bash", str(REPO / "launch" / "mpirun.sh"), "-n", "3", "-f", str(hosts), *args],
+                          cwd=tmp_path, env=e, capture_output=True, text=True, timeout=120)  # more ranks than slots
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "mpiexec -n 3 --host localhost:2 --oversubscribe " in proc.stderr and "world size 3," in proc.stdout
+
+
+def test_sigusr1_to_open_mpis_mpiexec_stops_cleanly_and_resume_matches(mnist_h5, tmp_path):
+    """Open MPI's mpiexec ends the job on SIGTERM (the ranks' clean stop cut short, exit 1) but
+    passes SIGUSR1 on: every rank stops after the same step, checkpoint, exit 0; the resumed run
+    ends with the parameters of an uninterrupted one."""
+    args = ["--data", mnist_h5, "--dtype", "float64", "--batch-size", 32, "--max-steps", 3000, "--optimizer", "sgd"]
+    full = ompi_train(2, *args, "--checkpoint", tmp_path / "full.h5", "--save-params", tmp_path / "full.npz",
+                      cwd=tmp_path)
+    assert full.returncode == 0, full.stdout + full.stderr
+    cmd = [OMPI / "mpiexec", "-n", 2, OMPI / "python", "-m", "paranet.train", *args, "--checkpoint", tmp_path / "ck.h5"]
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=tmp_path, env=ompi_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert "world size 2" in proc.stdout.readline()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    stopped = int(out.split("paranet: stopped by SIGUSR1 after step ")[1].split(";")[0])
+    assert 0 < stopped < 3000
+    resumed = ompi_train(2, *args, "--checkpoint", tmp_path / "ck.h5", "--resume", "--save-params",
+                         tmp_path / "resumed.npz", cwd=tmp_path)
+    assert resumed.returncode == 0 and f"at epoch 1, step {stopped}" in resumed.stdout, resumed.stdout + resumed.stderr
+    full, got = load_params(tmp_path / "full.npz"), load_params(tmp_path / "resumed.npz")
+    assert all(np.array_equal(full[k], got[k]) for k in full)
 
 
 def test_the_pbs_script_drives_open_mpi(mnist_h5, tmp_path):
     """launch/pbs.sh in a simulated PBS job with the Open MPI environment: the node file goes to
-    Open MPI's mpiexec as --hostfile (one line a slot; MPICH's -f would be refused)."""
+    Open MPI's mpiexec as --hostfile (one line a slot; MPICH's -f would be refused), and the
+    walltime timer's stop goes as SIGUSR1 (exit 75, not requeued here); run again, it finishes."""
     nodefile = tmp_path / "nodes"
     nodefile.write_text("localhost\nlocalhost\n")
     e = ompi_env(PBS_JOBID="9.pbs-server", PBS_O_WORKDIR=tmp_path, PBS_NODEFILE=nodefile,
                  PARANET_RUN_DIR=tmp_path / "run", PARANET_PYTHON=OMPI / "python", PARANET_REQUEUE=0,
-                 PARANET_TRAIN_ARGS=f"--data {mnist_h5} --max-steps 4")
+                 PARANET_WALLTIME=5, PARANET_SIGNAL_MARGIN=2,
+                 PARANET_TRAIN_ARGS=f"--data {mnist_h5} --batch-size 32 --max-steps 6000")
     e.pop("PBS_WALLTIME", None)
     proc = subprocess.run([str(REPO / "launch" / "pbs.sh")], cwd=tmp_path, env=e, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr
+    assert proc.returncode == 75, out
     assert f"mpiexec -n 2 --hostfile {nodefile} " in out and "paranet: world size 2, Open MPI" in out, out
-    assert (tmp_path / "run" / "metrics.json").is_file()
+    assert "walltime nearly over: SIGUSR1 to the ranks" in out and "paranet: stopped by SIGUSR1 " in out, out
+    e.update(PARANET_WALLTIME="600")
+    again = subprocess.run([str(REPO / "launch" / "pbs.sh")], cwd=tmp_path, env=e, capture_output=True, text=True,
+                           timeout=180)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 6000

@@ -125,17 +125,19 @@ def test_sigterm_to_one_rank_stops_all_after_the_same_step_and_resume_matches(mn
     assert max_abs_diff(load_params(tmp_path / "resumed.npz"), load_params(tmp_path / "full.npz")) == 0.0
 
 
-def test_sigterm_to_mpiexec_reaches_every_rank(mnist_h5, tmp_path):
-    """A real SIGTERM to the launcher mid-run: a checkpoint at the step named, exit status 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_stop_signal_to_mpiexec_reaches_every_rank(mnist_h5, tmp_path, sig):
+    """A real SIGTERM (or SIGUSR1, which Open MPI's mpiexec passes on where it ends the job on
+    SIGTERM) to the launcher mid-run: a checkpoint at the step named, exit status 0."""
     ck = tmp_path / "ck.h5"
     proc = subprocess.Popen(train_cmd(2, "--data", mnist_h5, "--batch-size", 32, "--epochs", 50, "--checkpoint", ck),
                             cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert "world size 2" in proc.stdout.readline()
     time.sleep(0.5)  # 50 epochs take minutes: the signal lands mid-run
-    proc.send_signal(signal.SIGTERM)  # mpiexec forwards it to every rank
+    proc.send_signal(sig)  # mpiexec forwards it to every rank
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    stopped = int(out.split("stopped by SIGTERM after step ")[1].split(";")[0])
+    stopped = int(out.split(f"stopped by {sig.name} after step ")[1].split(";")[0])
     with h5py.File(ck, "r") as f:
         assert f.attrs["global_step"] == stopped > 0
 
