@@ -271,3 +271,6 @@ def test_sbatch_with_open_mpi(slurm, mnist_h5, tmp_path, launcher, srun_mpi):
     assert rec["JobState"] == "COMPLETED" and rec["ExitCode"] == "0:0", f"{rec}\n{log}"
     assert "paranet: world size 2, Open MPI v" in log, log
     assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
+    # its mpiexec's ranks are in no job step, which --signal would reach: the script says so
+    assert ("paranet-sbatch: warning: Open MPI's mpiexec: SLURM's --signal does not reach its ranks" in log) == (
+        launcher == "mpiexec"), log
