@@ -119,7 +119,7 @@ def test_sigusr1_to_open_mpis_mpiexec_stops_cleanly_and_resume_matches(mnist_h5,
     """Open MPI's mpiexec ends the job on SIGTERM (the ranks' clean stop cut short, exit 1) but
     passes SIGUSR1 on: every rank stops after the same step, checkpoint, exit 0; the resumed run
     ends with the parameters of an uninterrupted one."""
-    args = ["--data", mnist_h5, "--dtype", "float64", "--batch-size", 32, "--max-steps", 3000, "--optimizer", "sgd"]
+    args = ["--data", mnist_h5, "--dtype", "float64", "--batch-size", 32, "--max-steps", 6000, "--optimizer", "sgd"]
     full = ompi_train(2, *args, "--checkpoint", tmp_path / "full.h5", "--save-params", tmp_path / "full.npz",
                       cwd=tmp_path)
     assert full.returncode == 0, full.stdout + full.stderr
@@ -132,7 +132,7 @@ def test_sigusr1_to_open_mpis_mpiexec_stops_cleanly_and_resume_matches(mnist_h5,
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
     stopped = int(out.split("paranet: stopped by SIGUSR1 after step ")[1].split(";")[0])
-    assert 0 < stopped < 3000
+    assert 0 < stopped < 6000
     resumed = ompi_train(2, *args, "--checkpoint", tmp_path / "ck.h5", "--resume", "--save-params",
                          tmp_path / "resumed.npz", cwd=tmp_path)
     assert resumed.returncode == 0 and f"at epoch 1, step {stopped}" in resumed.stdout, resumed.stdout + resumed.stderr
@@ -148,17 +148,19 @@ def test_the_pbs_script_drives_open_mpi(mnist_h5, tmp_path):
     nodefile.write_text("localhost\nlocalhost\n")
     e = ompi_env(PBS_JOBID="9.pbs-server", PBS_O_WORKDIR=tmp_path, PBS_NODEFILE=nodefile,
                  PARANET_RUN_DIR=tmp_path / "run", PARANET_PYTHON=OMPI / "python", PARANET_REQUEUE=0,
-                 PARANET_WALLTIME=5, PARANET_SIGNAL_MARGIN=2,
-                 PARANET_TRAIN_ARGS=f"--data {mnist_h5} --batch-size 32 --max-steps 6000")
+                 PARANET_WALLTIME=4, PARANET_SIGNAL_MARGIN=2,  # the stop 2 s in: mid-run, whatever the speed
+                 PARANET_TRAIN_ARGS=f"--data {mnist_h5} --batch-size 32 --max-steps 1000000")
     e.pop("PBS_WALLTIME", None)
     proc = subprocess.run([str(REPO / "launch" / "pbs.sh")], cwd=tmp_path, env=e, capture_output=True, text=True,
                           timeout=120)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 75, out
     assert f"mpiexec -n 2 --hostfile {nodefile} " in out and "paranet: world size 2, Open MPI" in out, out
-    assert "walltime nearly over: SIGUSR1 to the ranks" in out and "paranet: stopped by SIGUSR1 " in out, out
-    e.update(PARANET_WALLTIME="600")
+    assert "walltime nearly over: SIGUSR1 to the ranks" in out, out
+    stopped = int(out.split("paranet: stopped by SIGUSR1 ")[1].split("step ")[1].split(";")[0])
+    # run again (a shorter --max-steps may be given on --resume): it continues and finishes
+    e.update(PARANET_WALLTIME="600", PARANET_TRAIN_ARGS=f"--data {mnist_h5} --batch-size 32 --max-steps {stopped + 20}")
     again = subprocess.run([str(REPO / "launch" / "pbs.sh")], cwd=tmp_path, env=e, capture_output=True, text=True,
                            timeout=180)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 6000
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == stopped + 20
