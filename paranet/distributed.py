@@ -62,8 +62,10 @@ class World:
             return
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        # (Open MPI's string ends in a NUL, which would reach the header and make its log "binary")
+        # (Open MPI's string ends in a NUL, which would reach the header and make its log "binary";
+        # its first line goes on after the version: ", package: ..., ident: ..., repo rev: ...")
         self.library = " ".join(MPI.Get_library_version().replace("\0", " ").strip().splitlines()[0].split())
+        self.library = self.library.split(", package:")[0]
         # the ranks sharing this machine, and so its cores and memory
         self.node_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED) if self.size > 1 else None
         self.local_rank = self.node_comm.Get_rank() if self.node_comm is not None else 0
