@@ -357,7 +357,7 @@ class Trainer:
         for batch in reader.epoch(0):
             bounds = piece_bounds(batch.n_local, rows)  # in pieces, as the step (a Conv2D)
             for a, b in zip(bounds, bounds[1:]):
-                x, y = (batch.x, batch.y) if len(bounds) == 2 else (batch.x[a:b], batch.y[a:b])
+                x, y = batch.x[a:b], batch.y[a:b]  # views
                 loss = self.session.run(m.loss, {m.x: m.input(x), m.y: y})
                 sums += (loss * (b - a), _correct(m.output.value, y), b - a)
         self.world.allreduce_sum(sums)

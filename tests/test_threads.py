@@ -326,22 +326,7 @@ def test_two_namespaces_on_one_kernel_share_its_cpus(tmp_path):
     """Two network namespaces are two machines to MPI (one local rank each) but one kernel with the
     same cores: gathered over the world, the ranks see each other and run 1 thread each on 2 CPUs,
     not 2 each (the two-host test's slowness)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from cluster import require
-    from cluster.netns import TwoHosts, missing_requirement
-
-    reason = missing_requirement()
-    require(reason is None, reason)
-    hosts = TwoHosts(addrs=("10.232.0.1", "10.232.0.2"), tag=f"t{os.getpid()}").create()
-    try:
-        hostfile = tmp_path / "hosts"
-        hostfile.write_text("".join(f"{a}:1\n" for a in hosts.addrs))
-        cmd = hosts.command(0, [MPIEXEC, "-n", 2, "-f", hostfile, sys.executable, "-c", WORLD_PROBE])
-        p = subprocess.run(cmd, cwd=REPO, env=hosts.env(child_env()), capture_output=True, text=True, timeout=60)
-    finally:
-        hosts.delete()
-    assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
-    reports = [json.loads(part.split("\n", 1)[0]) for part in p.stdout.split("PROBE ")[1:]]
+    reports = probe_two_namespaces(tmp_path, WORLD_PROBE, ("10.232.0.1", "10.232.0.2"), "t")
     assert [r["local_size"] for r in reports] == [1, 1]  # MPI: one rank on each of two machines
     share = max(1, len(ALLOWED) // 2)
     assert [r["blas"] for r in reports] == [[share], [share]]
@@ -363,6 +348,25 @@ def run_reports(cmd, env, timeout=60):
     p = subprocess.run([*map(str, cmd)], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
     return [json.loads(part.split("\n", 1)[0]) for part in p.stdout.split("PROBE ")[1:]]
+
+
+def probe_two_namespaces(tmp_path, probe_code, addrs, tag):
+    """The PROBE reports of one rank in each of two network namespaces (two "machines" to MPI on
+    this kernel), run through MPICH's hydra; the namespaces are gone afterwards."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from cluster import require
+    from cluster.netns import TwoHosts, missing_requirement
+
+    reason = missing_requirement()
+    require(reason is None, reason)
+    hosts = TwoHosts(addrs=addrs, tag=f"{tag}{os.getpid()}").create()
+    try:
+        hostfile = tmp_path / "hosts"
+        hostfile.write_text("".join(f"{a}:1\n" for a in hosts.addrs))
+        return run_reports(hosts.command(0, [MPIEXEC, "-n", 2, "-f", hostfile, sys.executable, "-c", probe_code]),
+                           hosts.env(child_env()))
+    finally:
+        hosts.delete()
 
 
 @pytest.mark.mpi
@@ -431,20 +435,7 @@ def test_init_over_two_namespaces_shares_the_cores(tmp_path):
     CPUs. init() must gather over the ranks of this kernel (or the world: configure keeps those
     of this kernel itself); gathered over MPI's machine communicator, each rank thinks it is alone
     and takes every CPU."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from cluster import require
-    from cluster.netns import TwoHosts, missing_requirement
-
-    reason = missing_requirement()
-    require(reason is None, reason)
-    hosts = TwoHosts(addrs=("10.232.1.1", "10.232.1.2"), tag=f"i{os.getpid()}").create()
-    try:
-        hostfile = tmp_path / "hosts"
-        hostfile.write_text("".join(f"{a}:1\n" for a in hosts.addrs))
-        reports = run_reports(hosts.command(0, [MPIEXEC, "-n", 2, "-f", hostfile, sys.executable, "-c", INIT_PROBE]),
-                              hosts.env(child_env()))
-    finally:
-        hosts.delete()
+    reports = probe_two_namespaces(tmp_path, INIT_PROBE, ("10.232.1.1", "10.232.1.2"), "i")
     assert [r["local_size"] for r in reports] == [1, 1]
     share = max(1, len(ALLOWED) // 2)
     assert [r["blas"] for r in reports] == [[share], [share]], (
